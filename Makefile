@@ -1,0 +1,34 @@
+# The README's commands. Everything runs from the project's own virtualenv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint schemas bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+
+demo: install
+	$(PY) -m consumer.demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check consumer contracts tests
+	$(PY) -m ruff format --check consumer contracts tests
+	$(PY) -m mypy
+
+schemas: install
+	$(PY) -m contracts.generate
+
+bench: install
+	$(PY) -m tests.bench.comfyui
+	$(PY) -m tests.bench.service
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache data

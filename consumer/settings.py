@@ -1,0 +1,176 @@
+"""Every setting of the service, read once from the environment (and `.env`) in `__main__`.
+
+Names follow the original HTTP design where they carry over (`DEBUG`, `LOG_LEVEL`,
+`COMFYUI_BASE_URL`, `MAX_CONCURRENT_TASKS`, `TASK_CLEANUP_HOURS`). Durations end in `_s`
+or `_ms`, sizes in `_bytes`. Nothing below the entrypoint reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+
+
+class StateBackend(StrEnum):
+    MEMORY = "memory"
+    REDIS = "redis"
+
+
+class ComfyInstanceSettings(BaseModel):
+    """One ComfyUI server of the pool."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+
+    url: str
+    name: str = ""
+    max_concurrency: int = Field(default=2, ge=1, le=64)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def label(self) -> str:
+        """A short, stable name for logs and metric labels."""
+        return self.name or (urlsplit(self.url).netloc)
+
+
+def _split_list(value: object) -> object:
+    """Accept a JSON list or a comma-separated string for list settings."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+class Settings(BaseSettings):
+    """The one settings object. Built in `__main__`, passed down explicitly."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # General
+    debug: bool = False
+    log_level: str = "INFO"
+
+    # Broker
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    amqp_prefix: str = Field(default="style", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    amqp_heartbeat_s: int = Field(default=15, ge=10, le=20)
+    amqp_publish_timeout_s: float = Field(default=10.0, gt=0)
+    amqp_delivery_limit: int = Field(default=5, ge=1)
+    max_message_bytes: int = Field(default=1 * MIB, ge=1024)
+
+    # ComfyUI pool
+    comfyui_base_url: str | None = None
+    comfyui_instances: Annotated[list[ComfyInstanceSettings], NoDecode] = Field(
+        default_factory=list
+    )
+    comfyui_max_concurrency: int = Field(default=2, ge=1, le=64)
+    comfyui_connect_timeout_s: float = Field(default=5.0, gt=0)
+    comfyui_request_timeout_s: float = Field(default=30.0, gt=0)
+    comfyui_health_interval_s: float = Field(default=5.0, gt=0)
+    comfyui_breaker_max_backoff_s: float = Field(default=60.0, gt=0)
+    comfyui_ws_reconnect_max_s: float = Field(default=10.0, gt=0)
+    comfyui_history_wait_s: float = Field(default=10.0, gt=0)
+    max_concurrent_tasks: int = Field(default=10, ge=1)
+
+    # Tasks
+    task_timeout_s: float = Field(default=600.0, gt=0)
+    task_cleanup_hours: float = Field(default=24.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    retry_backoff_s: float = Field(default=1.0, ge=0)
+    retry_backoff_max_s: float = Field(default=30.0, ge=0)
+    progress_interval_ms: int = Field(default=500, ge=0)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+
+    # Input images
+    image_max_bytes: int = Field(default=20 * MIB, ge=1024)
+    image_max_pixels: int = Field(default=50_000_000, ge=1)
+    image_max_side: int = Field(default=1024, ge=64)
+    image_connect_timeout_s: float = Field(default=5.0, gt=0)
+    image_total_timeout_s: float = Field(default=30.0, gt=0)
+    image_max_redirects: int = Field(default=3, ge=0)
+    image_url_allow_private: bool = False
+    image_url_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Workflows and outputs
+    workflows_dir: Path = REPO_ROOT / "workflows"
+    output_dir: Path = Path("data/outputs")
+    public_base_url: str = "http://localhost:8080"
+    output_upload_timeout_s: float = Field(default=60.0, gt=0)
+
+    # Task state
+    state_backend: StateBackend = StateBackend.MEMORY
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+
+    # Sidecar
+    sidecar_host: str = "0.0.0.0"  # noqa: S104 - the sidecar is meant to be scraped from outside
+    sidecar_port: int = Field(default=8080, ge=0, le=65535)
+    sidecar_token: SecretStr | None = None
+
+    @field_validator("comfyui_instances", mode="before")
+    @classmethod
+    def _parse_instances(cls, value: Any) -> Any:
+        items = _split_list(value)
+        if not isinstance(items, list):
+            return items
+        return [{"url": item} if isinstance(item, str) else item for item in items]
+
+    @field_validator("image_url_allowed_hosts", mode="before")
+    @classmethod
+    def _parse_hosts(cls, value: Any) -> Any:
+        items = _split_list(value)
+        return [str(h).lower() for h in items] if isinstance(items, list) else items
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    def instances(self) -> list[ComfyInstanceSettings]:
+        """The pool: `COMFYUI_INSTANCES`, else `COMFYUI_BASE_URL`, else the seed's default."""
+        if self.comfyui_instances:
+            return [
+                inst
+                if "max_concurrency" in inst.model_fields_set
+                else inst.model_copy(update={"max_concurrency": self.comfyui_max_concurrency})
+                for inst in self.comfyui_instances
+            ]
+        url = self.comfyui_base_url or "http://127.0.0.1:8188"
+        return [ComfyInstanceSettings(url=url, max_concurrency=self.comfyui_max_concurrency)]
+
+
+class SettingsError(Exception):
+    """Start-up refused: a setting has a bad value. The message names the variable."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning pydantic's error into one naming the environment variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [
+            f"{'.'.join(str(p) for p in err['loc']).upper() or '?'}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from exc
