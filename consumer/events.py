@@ -1,0 +1,212 @@
+"""Confirmed publishing: task events, RPC replies, dead letters and expanded requests.
+
+Every publish waits for the broker's confirm under `publish_timeout_s` (aio-pika can wait
+forever without one, e.g. while a memory alarm blocks the connection or a robust channel
+reconnects). A timeout, a `basic.nack` or a `basic.return` (mandatory, unroutable) raises
+`BrokerUnavailable`, so the caller does not ack the message it is working on.
+
+aiormq matches returns to publishes by `message_id`: never publish two messages with the
+same `message_id` concurrently on one channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import aiormq
+from aio_pika import DeliveryMode, Exchange, ExchangeType, Message
+
+from consumer.errors import BrokerUnavailable
+from contracts.enums import EventKind
+from contracts.ids import batch_completed_routing_key, task_event_routing_key
+from contracts.models import BatchCompletedEvent
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+    from consumer.topology import Topology
+    from contracts.enums import ErrorCode
+    from contracts.models import Event
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+APP_ID = "style-consumer"
+MAX_ERROR_MESSAGE_CHARS = 1000
+MAX_QUEUE_NAME_BYTES = 255
+_BROKER_ERRORS = (
+    TimeoutError,
+    ConnectionError,
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+)
+
+
+class Unroutable(BrokerUnavailable):
+    """The broker returned a mandatory publication: nothing is bound for its routing key."""
+
+
+class EventPublisher:
+    """Publishes on one confirmed channel (`Broker.publish_channel`)."""
+
+    def __init__(
+        self, channel: AbstractChannel, topology: Topology, publish_timeout_s: float
+    ) -> None:
+        self._channel = channel
+        self._topology = topology
+        self._timeout_s = publish_timeout_s
+        self._events = self._exchange(topology.events, ExchangeType.TOPIC)
+        self._requests = self._exchange(topology.requests, ExchangeType.DIRECT)
+        self._dlx = self._exchange(topology.dlx, ExchangeType.FANOUT)
+
+    def _exchange(self, name: str, kind: ExchangeType) -> AbstractExchange:
+        """A handle for publishing only; `declare_topology` declares the exchange itself."""
+        return Exchange(self._channel, name, kind, durable=True)
+
+    async def publish_event(self, event: Event) -> None:
+        """Publish to the events exchange, mandatory and (except `progress`) persistent."""
+        message = Message(
+            event.model_dump_json().encode(),
+            content_type=JSON,
+            delivery_mode=_delivery_mode(event),
+            message_id=event.event_id,
+            timestamp=event.timestamp,
+            type=str(event.event),
+            app_id=APP_ID,
+            headers=_event_headers(event),
+        )
+        await self._publish(self._events, message, event_routing_key(event))
+
+    async def publish_reply(
+        self,
+        reply_to: str,
+        correlation_id: str | None,
+        event: Event,
+    ) -> None:
+        """Answer a request's `reply_to` (a queue or Direct Reply-to) via the default exchange.
+
+        A requester that has gone away is not an error worth retrying: the reply is dropped
+        and logged. So is a `reply_to` naming one of our own queues.
+        """
+        if not self._reply_target_allowed(reply_to):
+            log.warning("reply_to %r refused: it names one of our own queues", reply_to)
+            return
+        message = Message(
+            event.model_dump_json().encode(),
+            content_type=JSON,
+            correlation_id=correlation_id,
+            message_id=uuid.uuid4().hex,
+            timestamp=event.timestamp,
+            type=str(event.event),
+            app_id=APP_ID,
+            headers=_event_headers(event),
+        )
+        try:
+            await self._publish(self._channel.default_exchange, message, reply_to)
+        except Unroutable:
+            log.warning("reply dropped: reply_to %r no longer exists", reply_to)
+
+    def _reply_target_allowed(self, reply_to: str) -> bool:
+        own_prefix = f"{self._topology.prefix}."
+        size_ok = 0 < len(reply_to.encode()) <= MAX_QUEUE_NAME_BYTES
+        return size_ok and not reply_to.startswith(own_prefix)
+
+    async def dead_letter(
+        self, message: AbstractIncomingMessage, code: ErrorCode, reason: str
+    ) -> None:
+        """Republish `message` (body, properties) to the DLX with the reason in headers.
+
+        The caller acks the original afterwards; if this raises, it must not. Dropped on
+        purpose: `expiration` (it would expire in the dead queue), `user_id` (the broker
+        checks it against our login) and the queue's own `x-delivery-count`.
+        """
+        kept = {k: v for k, v in message.headers.items() if k != "x-delivery-count"}
+        headers: dict[str, Any] = {
+            **kept,
+            "x-error-code": str(code),
+            "x-error-message": reason[:MAX_ERROR_MESSAGE_CHARS],
+            "x-original-exchange": message.exchange or "",
+            "x-original-routing-key": message.routing_key or "",
+        }
+        copy = Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_id=message.message_id or uuid.uuid4().hex,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+        await self._publish(self._dlx, copy, message.routing_key or "")
+
+    async def publish_request(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        """Publish a persistent JSON request to the requests exchange (e.g. a batch's tasks)."""
+        message = Message(
+            body,
+            headers=dict(headers or {}),
+            content_type=JSON,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=message_id or uuid.uuid4().hex,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            app_id=APP_ID,
+        )
+        await self._publish(self._requests, message, routing_key)
+
+    async def _publish(self, exchange: AbstractExchange, message: Message, key: str) -> None:
+        """Publish mandatory and wait for the confirm; every broker failure -> BrokerUnavailable."""
+        target = f"exchange {exchange.name!r} key {key!r}"
+        try:
+            # The outer deadline also covers waiting for a reconnecting robust channel.
+            async with asyncio.timeout(self._timeout_s):
+                await exchange.publish(message, key, mandatory=True, timeout=self._timeout_s)
+        except aiormq.exceptions.PublishError as exc:
+            raise Unroutable(f"unroutable: nothing is bound for {target}") from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise BrokerUnavailable(f"broker refused (nack) the publish to {target}") from exc
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                f"no confirm within {self._timeout_s}s for {target} (blocked or reconnecting?)"
+            ) from exc
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"publish to {target} failed: {exc!r}") from exc
+
+
+def event_routing_key(event: Event) -> str:
+    """`task.<event>.<user_id>` or `batch.completed.<user_id>`, refusing unsafe words."""
+    if isinstance(event, BatchCompletedEvent):
+        return batch_completed_routing_key(event.user_id)
+    return task_event_routing_key(event.event.value, event.user_id)
+
+
+def _delivery_mode(event: Event) -> DeliveryMode:
+    if event.event == EventKind.PROGRESS:
+        return DeliveryMode.NOT_PERSISTENT
+    return DeliveryMode.PERSISTENT
+
+
+def _event_headers(event: Event) -> dict[str, Any]:
+    """Ids a subscriber can filter or deduplicate on without parsing the body."""
+    if isinstance(event, BatchCompletedEvent):
+        return {"event": event.event, "batch_id": event.batch_id}
+    headers = {"event": event.event.value, "task_id": event.task_id}
+    return headers if event.batch_id is None else {**headers, "batch_id": event.batch_id}
