@@ -1,0 +1,136 @@
+"""Where a task's state lives between its events: one Protocol, one rule set, two stores.
+
+`apply_changes` is the one place that says how a record may change; both stores call it
+inside their atomic step (a plain method call for memory, WATCH/MULTI for Redis):
+
+- A task in a terminal status never changes again. Re-setting the same terminal data is a
+  no-op that returns the stored record (a redelivery); any other change is refused (None).
+- Within one attempt progress never goes down (a late, lower value is ignored). A higher
+  attempt starts again from 0 unless it says otherwise; a lower attempt is refused.
+- `task_id`, `user_id` and `created_at` never change.
+
+Records expire `ttl_s` after they were created (TASK_CLEANUP_HOURS); updates keep the expiry.
+Leases (`acquire_lease` and friends) say which consumer runs a task; they expire on their own.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.enums import TaskStatus
+from contracts.models import TaskError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "MemoryTaskStore",
+    "RedisTaskStore",
+    "TaskCounts",
+    "TaskRecord",
+    "TaskStateStore",
+    "apply_changes",
+    "utcnow",
+]
+
+IMMUTABLE_FIELDS = frozenset({"task_id", "user_id", "created_at"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TaskRecord(BaseModel):
+    """What the service remembers about one task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_id: str
+    user_id: str
+    style_type: str
+    status: TaskStatus = TaskStatus.PENDING
+    progress: int = Field(default=0, ge=0, le=100)
+    attempt: int = Field(default=0, ge=0)
+    batch_id: str | None = None
+    batch_index: int | None = None
+    seed: int | None = None
+    instance: str | None = None
+    prompt_id: str | None = None
+    output_image_url: str | None = None
+    output_image_urls: list[str] | None = None
+    error: TaskError | None = None
+    timings_ms: dict[str, int] = Field(default_factory=dict)
+    metadata: dict[str, Any] | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    terminal_event: str | None = None  # the terminal event's JSON as published, to re-publish
+
+
+class TaskCounts(TypedDict):
+    """Live records by status (every status, zeros included) and by style (non-zero only)."""
+
+    by_status: dict[str, int]
+    by_style: dict[str, int]
+
+
+class TaskStateStore(Protocol):
+    """Task records and run leases. Every method is atomic on its own."""
+
+    async def create(self, record: TaskRecord) -> bool:
+        """Store a new record; False (and nothing written) when the task id exists."""
+
+    async def get(self, task_id: str) -> TaskRecord | None: ...
+
+    async def update(self, task_id: str, **changes: Any) -> TaskRecord | None:
+        """The record after `changes` (see the module rules); None if missing or refused."""
+
+    async def list_for_user(self, user_id: str, limit: int) -> list[TaskRecord]:
+        """The user's newest `limit` records, newest first."""
+
+    async def counts(self) -> TaskCounts: ...
+
+    async def acquire_lease(self, task_id: str, owner: str, ttl_s: float) -> bool:
+        """Take the task's lease when free or expired (or already `owner`'s: then extend it)."""
+
+    async def renew_lease(self, task_id: str, owner: str, ttl_s: float) -> bool:
+        """Extend the lease only while `owner` holds it."""
+
+    async def release_lease(self, task_id: str, owner: str) -> None:
+        """Drop the lease if `owner` holds it; another owner's lease is left alone."""
+
+    async def lease_owner(self, task_id: str) -> str | None: ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def apply_changes(
+    current: TaskRecord, changes: Mapping[str, Any], now: datetime
+) -> TaskRecord | None:
+    """`current` after `changes`: `current` itself for a terminal no-op, None when refused."""
+    if fixed := IMMUTABLE_FIELDS & changes.keys():
+        raise ValueError(f"task {current.task_id!r}: {', '.join(sorted(fixed))} cannot change")
+    candidate = TaskRecord.model_validate({**current.model_dump(), **changes, "updated_at": now})
+    if current.status.is_terminal:
+        return current if _same(current, candidate, changes) else None
+    if candidate.attempt < current.attempt:
+        return None
+    if candidate.attempt > current.attempt:
+        progress = candidate.progress if "progress" in changes else 0
+    else:
+        progress = max(candidate.progress, current.progress)
+    return candidate.model_copy(update={"progress": progress})
+
+
+def _same(current: TaskRecord, candidate: TaskRecord, changes: Mapping[str, Any]) -> bool:
+    names = changes.keys() - {"updated_at"}
+    return all(getattr(candidate, name) == getattr(current, name) for name in names)
+
+
+# The stores import the names above, so they are re-exported last.
+from consumer.state.memory import MemoryTaskStore  # noqa: E402
+from consumer.state.redis import RedisTaskStore  # noqa: E402

@@ -1,0 +1,104 @@
+"""What only the Redis store does: key TTLs, key prefixes, and an unreachable server."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from consumer.state.redis import RedisTaskStore
+from contracts.enums import TaskStatus
+from tests.state.records import make_record
+
+
+@pytest.fixture
+async def raw_redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A plain client on the test database, to look at keys directly."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def prefixes(raw_redis: Redis) -> AsyncIterator[list[str]]:
+    """Unique key prefixes for this test; their keys are deleted afterwards."""
+    made: list[str] = []
+    yield made
+    for key_prefix in made:
+        keys = [key async for key in raw_redis.scan_iter(match=f"{key_prefix}*")]
+        if keys:
+            await raw_redis.delete(*keys)
+
+
+def _new_prefix(prefixes: list[str]) -> str:
+    key_prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    prefixes.append(key_prefix)
+    return key_prefix
+
+
+@pytest.mark.connected
+async def test_every_key_expires_and_updates_keep_the_ttl(
+    redis_url: str, raw_redis: Redis, prefixes: list[str]
+) -> None:
+    """Record and index keys carry a TTL of at most ttl_s; an update does not reset it."""
+    key_prefix = _new_prefix(prefixes)
+    store = RedisTaskStore.from_url(redis_url, ttl_s=100, key_prefix=key_prefix)
+    try:
+        await store.create(make_record())
+        await raw_redis.pexpire(f"{key_prefix}task:t1", 50_000)
+        await store.update("t1", status=TaskStatus.PROCESSING, progress=10)
+        assert 0 < await raw_redis.pttl(f"{key_prefix}task:t1") <= 50_000
+        keys = [key async for key in raw_redis.scan_iter(match=f"{key_prefix}*")]
+        assert len(keys) >= 5
+        for key in keys:
+            assert 0 < await raw_redis.pttl(key) <= 100_000, key
+    finally:
+        await store.close()
+
+
+@pytest.mark.connected
+async def test_key_prefixes_isolate_stores(redis_url: str, prefixes: list[str]) -> None:
+    """Two stores with different prefixes on one database never see each other's tasks."""
+    first = RedisTaskStore.from_url(redis_url, ttl_s=100, key_prefix=_new_prefix(prefixes))
+    second = RedisTaskStore.from_url(redis_url, ttl_s=100, key_prefix=_new_prefix(prefixes))
+    try:
+        await first.create(make_record())
+        assert await second.get("t1") is None
+        assert await second.create(make_record())
+        assert (await second.counts())["by_status"]["pending"] == 1
+        assert "prefix=" in repr(first)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_ping_is_false_when_redis_is_unreachable() -> None:
+    """An unreachable server makes ping() answer False instead of raising."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = RedisTaskStore.from_url(f"redis://127.0.0.1:{port}/0", ttl_s=1, connect_timeout_s=1)
+    try:
+        assert not await store.ping()
+    finally:
+        await store.close()
+
+
+@pytest.mark.connected
+async def test_works_on_a_client_that_returns_bytes(redis_url: str, prefixes: list[str]) -> None:
+    """A store built on a caller's client without decode_responses reads and lists alike."""
+    store = RedisTaskStore(Redis.from_url(redis_url), ttl_s=100, key_prefix=_new_prefix(prefixes))
+    try:
+        record = make_record()
+        await store.create(record)
+        await store.acquire_lease("t1", "worker-a", 30)
+        assert await store.get("t1") == record
+        assert await store.list_for_user("u1", 5) == [record]
+        assert await store.lease_owner("t1") == "worker-a"
+        assert (await store.counts())["by_style"] == {"clay": 1}
+        assert await store.update("t1", progress=5) is not None
+    finally:
+        await store.close()

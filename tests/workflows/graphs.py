@@ -1,0 +1,41 @@
+"""Graphs and manifests the workflow tests build on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from consumer.settings import REPO_ROOT
+
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+REAL_TEMPLATE = WORKFLOWS_DIR / "templates" / "img2img_sd15.json"
+
+MINIMAL_MANIFEST = """
+[defaults]
+template = "t.json"
+negative_prompt = "ugly"
+strength = 0.5
+steps = 10
+cfg = 6.5
+sampler_name = "euler"
+scheduler = "normal"
+checkpoint = "v1-5-pruned-emaonly.safetensors"
+
+[styles.clay]
+prompt = "Clay Style, lovely, 3d, cute"
+"""
+
+
+def real_template() -> dict[str, Any]:
+    """A fresh copy of the shipped img2img template."""
+    template: dict[str, Any] = json.loads(REAL_TEMPLATE.read_text(encoding="utf-8"))
+    return template
+
+
+def node_by_title(graph: dict[str, Any], title: str) -> dict[str, Any]:
+    """The node of `graph` whose `_meta.title` is `title`."""
+    nodes: list[dict[str, Any]] = [
+        n for n in graph.values() if n.get("_meta", {}).get("title") == title
+    ]
+    (node,) = nodes
+    return node
