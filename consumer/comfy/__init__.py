@@ -1,0 +1,18 @@
+"""ComfyUI: one client per instance (HTTP + one WebSocket) and the pool that dispatches to them."""
+
+from consumer.comfy.client import ComfyClient
+from consumer.comfy.http import ClientTimeouts
+from consumer.comfy.instance import Instance, InstanceStats
+from consumer.comfy.messages import OutputImage
+from consumer.comfy.pool import InstancePool
+from consumer.comfy.run import PromptRun
+
+__all__ = [
+    "ClientTimeouts",
+    "ComfyClient",
+    "Instance",
+    "InstancePool",
+    "InstanceStats",
+    "OutputImage",
+    "PromptRun",
+]

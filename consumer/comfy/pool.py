@@ -1,0 +1,285 @@
+"""`InstancePool`: health-checked ComfyUI instances and fair, capacity-bounded dispatch.
+
+    pool = await stack.enter_async_context(InstancePool(settings.instances(), ...))
+    group.create_task(pool.run())                  # health probes, until cancelled
+    async with pool.slot(style.required_node_classes, exclude={"gpu-1"}) as instance:
+        run = await instance.client.submit(prompt)
+
+Dispatch: the healthy instance with the most free slots that offers every required node
+class (ties: the one idle longest); when all are full, callers wait first-come
+first-served. A slot is released on every way out of the `async with`; leaving it with
+`InstanceUnavailable` takes the instance out until the next probe answers.
+
+Health: every `health_interval_s`, GET /system_stats and check the WebSocket. A failing
+instance is taken out and probed with exponential backoff capped at
+`breaker_max_backoff_s` (a circuit breaker); it goes back when it answers, after its
+/object_info was read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from consumer.comfy.client import ComfyClient
+from consumer.comfy.http import ClientTimeouts
+from consumer.comfy.instance import Instance, InstanceStats, breaker_delay_s
+from consumer.errors import InstanceUnavailable, WorkflowInvalid
+from consumer.settings import ComfyInstanceSettings
+
+log = logging.getLogger(__name__)
+
+ClientFactory = Callable[[ComfyInstanceSettings], ComfyClient]
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    required: frozenset[str]
+    exclude: frozenset[str]
+    future: asyncio.Future[Instance]
+
+
+class InstancePool:
+    """The ComfyUI instances; `run()` keeps their clients and health loops alive."""
+
+    def __init__(
+        self,
+        instances: Sequence[ComfyInstanceSettings],
+        *,
+        connect_timeout_s: float = 5.0,
+        request_timeout_s: float = 30.0,
+        health_interval_s: float = 5.0,
+        breaker_max_backoff_s: float = 60.0,
+        ws_reconnect_max_s: float = 10.0,
+        history_wait_s: float = 10.0,
+        outage_grace_s: float = 30.0,
+        ws_heartbeat_s: float = 15.0,
+        client_factory: ClientFactory | None = None,
+    ) -> None:
+        if not instances:
+            raise ValueError("an InstancePool needs at least one ComfyUI instance")
+        self._timeouts = ClientTimeouts(
+            connect_s=connect_timeout_s,
+            request_s=request_timeout_s,
+            ws_reconnect_max_s=ws_reconnect_max_s,
+            history_wait_s=history_wait_s,
+            outage_grace_s=outage_grace_s,
+            ws_heartbeat_s=ws_heartbeat_s,
+        )
+        make = client_factory or (lambda s: ComfyClient(s.url, timeouts=self._timeouts))
+        self.instances = [Instance(s.label, make(s), s.max_concurrency) for s in instances]
+        self._health_interval_s = health_interval_s
+        self._breaker_max_backoff_s = breaker_max_backoff_s
+        self._waiters: deque[_Waiter] = deque()
+        self._capacity_event = asyncio.Event()
+        self._clients: AsyncExitStack | None = None
+
+    def __repr__(self) -> str:
+        busy = sum(i.in_flight for i in self.instances)
+        total = sum(i.capacity for i in self.instances)
+        healthy, queued = self.healthy_capacity(), len(self._waiters)
+        return f"<InstancePool busy={busy}/{total} healthy={healthy} queued={queued}>"
+
+    # -- public -----------------------------------------------------------------------
+
+    def slot(
+        self, required_nodes: frozenset[str] = frozenset(), exclude: Iterable[str] = ()
+    ) -> AbstractAsyncContextManager[Instance]:
+        """Hold one slot on a healthy instance that has `required_nodes`; avoid `exclude`
+        (instance names) when another capable instance is healthy. Raises WorkflowInvalid
+        when no instance of the pool offers the required node classes."""
+        return self._slot(frozenset(required_nodes), frozenset(exclude))
+
+    def healthy_capacity(self) -> int:
+        """Total slots of the healthy instances (the consumer's prefetch)."""
+        return sum(i.capacity for i in self.instances if i.healthy)
+
+    async def capacity_changed(self) -> None:
+        """Return when `healthy_capacity()` changes."""
+        await self._capacity_event.wait()
+
+    def stats(self) -> list[InstanceStats]:
+        return [i.stats() for i in self.instances]
+
+    async def __aenter__(self) -> Self:
+        """Open every instance's client (session + WebSocket)."""
+        stack = AsyncExitStack()
+        try:
+            for instance in self.instances:
+                await stack.enter_async_context(instance.client)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._clients = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        clients, self._clients = self._clients, None
+        if clients is not None:
+            await clients.aclose()
+
+    async def run(self) -> None:
+        """Probe every instance until cancelled (entering the pool first if not done yet)."""
+        if self._clients is None:
+            async with self:
+                await self._watch_all()
+        else:
+            await self._watch_all()
+
+    async def _watch_all(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                for instance in self.instances:
+                    group.create_task(self._watch(instance), name=f"health {instance.name}")
+        finally:
+            self._all_down()
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _slot(
+        self, required: frozenset[str], exclude: frozenset[str]
+    ) -> AsyncIterator[Instance]:
+        instance = await self._acquire(required, exclude)
+        started = time.monotonic()
+        try:
+            yield instance
+        except InstanceUnavailable:
+            instance.wake.set()  # let its health loop probe it now
+            self._take_out(instance, "a prompt failed on it")
+            raise
+        else:
+            instance.record_execution(time.monotonic() - started)
+        finally:
+            self._release(instance)
+
+    async def _acquire(self, required: frozenset[str], exclude: frozenset[str]) -> Instance:
+        self._check_satisfiable(required)
+        waiter = _Waiter(required, exclude, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self._dispatch()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self._release(waiter.future.result())  # granted as we were cancelled
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    def _dispatch(self) -> None:
+        """Hand free slots to waiters in arrival order, skipping those no free instance suits."""
+        for waiter in list(self._waiters):
+            if waiter.future.done():
+                continue
+            instance = self._pick(waiter.required, waiter.exclude)
+            if instance is not None:
+                instance.in_flight += 1
+                waiter.future.set_result(instance)
+
+    def _pick(self, required: frozenset[str], exclude: frozenset[str]) -> Instance | None:
+        capable = [i for i in self.instances if i.healthy and i.can_run(required)]
+        preferred = [i for i in capable if i.name not in exclude] or capable
+        free = [i for i in preferred if i.free > 0]
+        if not free:
+            return None
+        return max(free, key=lambda i: (i.free, -i.last_released_at))
+
+    def _release(self, instance: Instance) -> None:
+        instance.in_flight -= 1
+        instance.last_released_at = time.monotonic()
+        self._dispatch()
+
+    def _check_satisfiable(self, required: frozenset[str]) -> None:
+        """WorkflowInvalid once every instance's node classes are known and none has them all."""
+        if not required or any(i.node_classes is None for i in self.instances):
+            return
+        if any(not i.missing(required) for i in self.instances):
+            return
+        lacks = "; ".join(
+            f"{i.name} lacks {', '.join(sorted(i.missing(required)))}" for i in self.instances
+        )
+        raise WorkflowInvalid(
+            f"no ComfyUI instance offers the node classes this workflow needs: {lacks}"
+        )
+
+    def _fail_hopeless_waiters(self) -> None:
+        for waiter in self._waiters:
+            try:
+                self._check_satisfiable(waiter.required)
+            except WorkflowInvalid as exc:
+                if not waiter.future.done():
+                    waiter.future.set_exception(exc)
+
+    # -- health -----------------------------------------------------------------------
+
+    async def _watch(self, instance: Instance) -> None:
+        while True:
+            reason = await self._probe(instance)
+            if reason is None:
+                self._put_back(instance)
+            else:
+                instance.consecutive_failures += 1
+                self._take_out(instance, reason)
+            await self._sleep(instance)
+
+    async def _probe(self, instance: Instance) -> str | None:
+        """None when the instance answers and its socket is up; else why not."""
+        client = instance.client
+        try:
+            await client.system_stats()
+            if not await client.wait_connected(self._timeouts.connect_s):
+                return "its websocket is not connected"
+            if instance.node_classes is None or not instance.healthy:
+                instance.node_classes = await client.node_classes()
+                instance.forget_node_classes_log()
+        except InstanceUnavailable as exc:
+            return str(exc)
+        return None
+
+    async def _sleep(self, instance: Instance) -> None:
+        delay_s = breaker_delay_s(
+            instance.consecutive_failures, self._health_interval_s, self._breaker_max_backoff_s
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay_s):
+                await instance.wake.wait()
+        instance.wake.clear()
+
+    def _put_back(self, instance: Instance) -> None:
+        instance.consecutive_failures = 0
+        if not instance.healthy:
+            log.info("instance %s (%s) is healthy", instance.name, instance.url)
+            instance.healthy = True
+            self._fail_hopeless_waiters()
+            self._capacity_changed()
+            self._dispatch()
+
+    def _take_out(self, instance: Instance, reason: str) -> None:
+        if instance.healthy:
+            log.warning("instance %s taken out: %s", instance.name, reason)
+            instance.healthy = False
+            self._capacity_changed()
+
+    def _all_down(self) -> None:
+        for instance in self.instances:
+            instance.healthy = False
+        self._capacity_changed()
+
+    def _capacity_changed(self) -> None:
+        self._capacity_event.set()
+        self._capacity_event = asyncio.Event()
