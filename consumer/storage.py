@@ -1,0 +1,155 @@
+"""Where finished images go: a local directory served by the sidecar, or a presigned PUT.
+
+Outputs are stored byte for byte as ComfyUI produced them, never re-encoded.
+
+Local layout: `<root>/<token>/<filename>`, one fresh 128-bit random token per saved file,
+so a URL cannot be guessed from a task id or another URL. The sidecar serves
+`/outputs/<token>/<filename>` through `LocalOutputStore.resolve()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from consumer.errors import ImageUrlForbidden, OutputUploadFailed
+from consumer.fetch import UrlGuard, display_url
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+MAX_FILENAME_CHARS = 128
+ERROR_BODY_CHARS = 300
+_TOKEN = re.compile(r"[0-9a-f]{32}")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class OutputStore(Protocol):
+    """Stores one output image and returns the URL it can be fetched from."""
+
+    async def save(self, task_id: str, filename: str, data: bytes, content_type: str) -> str: ...
+
+
+def safe_filename(filename: str) -> str:
+    """`filename`'s last path part reduced to `[A-Za-z0-9._-]`, no leading dot, <= 128 chars."""
+    base = re.split(r"[/\\]", filename)[-1]
+    cleaned = _UNSAFE_CHARS.sub("_", base).lstrip(".")[:MAX_FILENAME_CHARS]
+    return cleaned or "output"
+
+
+class LocalOutputStore:
+    """Files under `root`, public at `{public_base_url}/outputs/<token>/<filename>`."""
+
+    def __init__(self, root: Path, public_base_url: str) -> None:
+        self.root = root
+        self.public_base_url = public_base_url.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"<LocalOutputStore root={str(self.root)!r} url={self.public_base_url!r}>"
+
+    async def save(self, task_id: str, filename: str, data: bytes, content_type: str) -> str:
+        """Write `data` under a fresh token; the URL names no task (ids may be guessable)."""
+        del task_id, content_type  # the token names the file; the sidecar sniffs the type
+        token = secrets.token_hex(16)
+        name = safe_filename(filename)
+        await asyncio.to_thread(self._write, token, name, data)
+        return f"{self.public_base_url}/outputs/{token}/{quote(name)}"
+
+    def _write(self, token: str, name: str, data: bytes) -> None:
+        directory = self.root / token
+        directory.mkdir(parents=True)
+        partial = directory / f".{name}.partial"
+        partial.write_bytes(data)
+        partial.replace(directory / name)
+
+    def resolve(self, rel_path: str) -> Path | None:
+        """The file for `<token>/<filename>`, or None: malformed, traversal, or gone.
+
+        Only names `save()` can produce are accepted, so `..`, absolute paths, encoded
+        separators and symlink tricks never reach the file system. One `stat` call.
+        """
+        token, _, name = rel_path.partition("/")
+        if not (_TOKEN.fullmatch(token) and _SAFE_NAME.fullmatch(name)):
+            return None
+        path = self.root / token / name
+        return path if path.is_file() and not path.is_symlink() else None
+
+    async def cleanup(self, older_than_s: float) -> int:
+        """Remove outputs saved more than `older_than_s` ago; returns how many files went."""
+        return await asyncio.to_thread(self._cleanup, time.time() - older_than_s)
+
+    def _cleanup(self, cutoff_s: float) -> int:
+        removed = 0
+        for directory in self._token_dirs():
+            if directory.stat().st_mtime < cutoff_s:
+                removed += sum(1 for child in directory.iterdir() if child.is_file())
+                shutil.rmtree(directory, ignore_errors=True)
+        return removed
+
+    def _token_dirs(self) -> Iterator[Path]:
+        if not self.root.is_dir():
+            return
+        for child in self.root.iterdir():
+            if _TOKEN.fullmatch(child.name) and child.is_dir() and not child.is_symlink():
+                yield child
+
+
+async def upload_presigned(
+    session: aiohttp.ClientSession,
+    url: str,
+    data: bytes,
+    content_type: str,
+    timeout_s: float = 60.0,
+    *,
+    guard: UrlGuard | None = None,
+) -> str:
+    """PUT `data` to a presigned URL; returns the URL without its query (the signature).
+
+    The URL comes from a request, so pass the fetcher's guard and guarded session
+    (`fetcher.guard`, `fetcher.session`) to keep uploads off internal addresses.
+    """
+    target = _upload_url(url, guard)
+    public = display_url(target)
+    try:
+        await _put(session, target, data, content_type, timeout_s)
+    except ImageUrlForbidden as exc:  # raised at connect time by a guarded session
+        raise OutputUploadFailed(f"PUT {public} refused: {exc.message}") from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise OutputUploadFailed(f"PUT {public} failed: {type(exc).__name__}: {exc}") from exc
+    return public
+
+
+def _upload_url(url: str, guard: UrlGuard | None) -> URL:
+    try:
+        target = URL(url)
+        if guard is not None:
+            guard.check_url(target)
+    except ValueError as exc:
+        raise OutputUploadFailed(f"not a valid upload URL: {url[:100]!r}") from exc
+    except ImageUrlForbidden as exc:
+        raise OutputUploadFailed(f"upload URL refused: {exc.message}") from exc
+    return target
+
+
+async def _put(
+    session: aiohttp.ClientSession, url: URL, data: bytes, content_type: str, timeout_s: float
+) -> None:
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    headers = {"Content-Type": content_type}
+    async with session.put(url, data=data, headers=headers, timeout=timeout) as response:
+        if not 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
+            body = await response.content.read(ERROR_BODY_CHARS)
+            raise OutputUploadFailed(
+                f"PUT {display_url(url)} answered HTTP {response.status} {response.reason}:"
+                f" {body.decode('utf-8', 'replace')!r}"
+            )
