@@ -100,7 +100,7 @@ class OutputUploadFailed(PermanentError):
 
 
 class InstanceUnavailable(TransientError):
-    """A ComfyUI instance could not run the prompt: gone, restarted, 5xx, timed out before running."""
+    """An instance could not run the prompt: gone, restarted, 5xx, timed out before running."""
 
     code = ErrorCode.INTERNAL_ERROR
 

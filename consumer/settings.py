@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     comfyui_breaker_max_backoff_s: float = Field(default=60.0, gt=0)
     comfyui_ws_reconnect_max_s: float = Field(default=10.0, gt=0)
     comfyui_history_wait_s: float = Field(default=10.0, gt=0)
+    comfyui_outage_grace_s: float = Field(default=30.0, gt=0)
+    comfyui_ws_heartbeat_s: float = Field(default=15.0, gt=0)
     max_concurrent_tasks: int = Field(default=10, ge=1)
 
     # Tasks

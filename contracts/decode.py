@@ -38,7 +38,7 @@ MAX_REPORTED_ERRORS = 10
 _MAX_SHOWN_INPUT_CHARS = 60
 
 
-class InvalidMessage(ValueError):  # noqa: N818 - the name is part of the published interface
+class InvalidMessage(ValueError):
     """The message breaks the contract. `user_id` is the sender's, when it could be read."""
 
     def __init__(self, message: str, user_id: str | None = None) -> None:

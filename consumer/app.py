@@ -1,0 +1,267 @@
+"""The service: owns every resource and long-lived loop, and shuts down in phases.
+
+resources (AsyncExitStack)   store, HTTP session, image fetcher, ComfyUI pool, broker, sidecar
+loops (TaskGroup)            pool health probes, intake, output clean-up
+shutdown (on `stop` Event)   stop intake -> drain tasks up to SHUTDOWN_GRACE_S -> interrupt
+                             the rest (left unacked: redelivered) -> close in reverse order
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from consumer.broker import Broker
+from consumer.comfy import InstancePool
+from consumer.dispatcher import Dispatcher
+from consumer.events import EventPublisher
+from consumer.fetch import ImageFetcher
+from consumer.intake import Intake
+from consumer.metrics import InstanceGauge, Metrics
+from consumer.pipeline import Pipeline, PipelineConfig
+from consumer.reporter import Reporter
+from consumer.sidecar import Sidecar, SidecarDeps
+from consumer.state import MemoryTaskStore, RedisTaskStore, TaskStateStore
+from consumer.storage import LocalOutputStore
+from consumer.topology import Topology
+from consumer.workflows import StyleCatalog
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from prometheus_client import CollectorRegistry
+
+    from consumer.settings import Settings
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+CLEANUP_INTERVAL_S = 600.0
+
+
+class Service:
+    """One replica. `await Service(settings).run(stop)` runs until `stop` is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = name or f"style-consumer-{socket.gethostname()}-{os.getpid()}"
+        self.metrics = Metrics(registry)
+        self.topology = Topology(settings.amqp_prefix)
+        self.catalog = StyleCatalog.load(settings.workflows_dir)
+        self.ready = asyncio.Event()
+        self.sidecar_port: int | None = None
+        self._started_at = time.monotonic()
+        self._broker: Broker | None = None
+        self._pool: InstancePool | None = None
+        self._intake: Intake | None = None
+        self._store: TaskStateStore | None = None
+        self._dispatcher: Dispatcher | None = None
+
+    def __repr__(self) -> str:
+        return f"<Service {self.name!r} {self._dispatcher!r} {self._intake!r}>"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then shut down in phases."""
+        async with AsyncExitStack() as stack:
+            await self._open(stack)
+            async with asyncio.TaskGroup() as group:
+                loops = [
+                    group.create_task(self._require(self._pool).run(), name="pool"),
+                    group.create_task(self._require(self._intake).run(), name="intake"),
+                    group.create_task(self._cleanup_outputs(), name="cleanup"),
+                    group.create_task(self._mark_ready(), name="ready"),
+                ]
+                await stop.wait()
+                log.info("stopping: intake first, then draining running tasks")
+                await self._require(self._intake).stop()
+                await self._require(self._dispatcher).drain(self.settings.shutdown_grace_s)
+                for task in loops:
+                    task.cancel()
+        log.info("stopped")
+
+    async def _open(self, stack: AsyncExitStack) -> None:
+        s = self.settings
+        self._store = await stack.enter_async_context(_open_store(s))
+        fetcher = await stack.enter_async_context(
+            ImageFetcher(
+                max_bytes=s.image_max_bytes,
+                connect_timeout_s=s.image_connect_timeout_s,
+                total_timeout_s=s.image_total_timeout_s,
+                max_redirects=s.image_max_redirects,
+                allow_private=s.image_url_allow_private,
+                allowed_hosts=frozenset(s.image_url_allowed_hosts),
+            )
+        )
+        self._pool = await stack.enter_async_context(_open_pool(s))
+        self.metrics.watch_instances(self._instance_gauges)
+        self._broker = await stack.enter_async_context(
+            Broker(s.amqp_url.get_secret_value(), heartbeat_s=s.amqp_heartbeat_s, name=self.name)
+        )
+        outputs = LocalOutputStore(s.output_dir, s.public_base_url)
+        self._wire(fetcher, outputs)
+        deps = SidecarDeps(
+            view=self,
+            store=self._store,
+            registry=self.metrics.registry,
+            outputs=outputs,
+            token=s.sidecar_token.get_secret_value() if s.sidecar_token else None,
+        )
+        sidecar = await stack.enter_async_context(Sidecar(deps, s.sidecar_host, s.sidecar_port))
+        self.sidecar_port = sidecar.port
+        self._outputs = outputs
+
+    def _wire(self, fetcher: ImageFetcher, outputs: LocalOutputStore) -> None:
+        s = self.settings
+        broker, pool, store = (
+            self._require(self._broker),
+            self._require(self._pool),
+            self._require(self._store),
+        )
+        publisher = EventPublisher(broker.publish_channel, self.topology, s.amqp_publish_timeout_s)
+        reporter = Reporter(publisher, store, self.metrics, s.progress_interval_ms / 1000)
+        pipeline = Pipeline(
+            PipelineConfig(
+                max_side=s.image_max_side,
+                max_pixels=s.image_max_pixels,
+                max_attempts=s.max_attempts,
+                retry_backoff_s=s.retry_backoff_s,
+                retry_backoff_max_s=s.retry_backoff_max_s,
+                task_timeout_s=s.task_timeout_s,
+                upload_timeout_s=s.output_upload_timeout_s,
+            ),
+            fetcher=fetcher,
+            pool=pool,
+            outputs=outputs,
+            notify=reporter,
+            metrics=self.metrics,
+        )
+        self._dispatcher = Dispatcher(
+            pipeline=pipeline,
+            reporter=reporter,
+            store=store,
+            catalog=self.catalog,
+            metrics=self.metrics,
+            delivery_limit=s.amqp_delivery_limit,
+        )
+        self._intake = Intake(
+            broker=broker,
+            topology=self.topology,
+            dispatcher=self._dispatcher,
+            publisher=publisher,
+            pool=pool,
+            catalog=self.catalog,
+            metrics=self.metrics,
+            max_message_bytes=s.max_message_bytes,
+            max_in_flight=s.max_concurrent_tasks,
+            delivery_limit=s.amqp_delivery_limit,
+        )
+
+    async def _mark_ready(self) -> None:
+        await self._require(self._intake).consuming.wait()
+        self.ready.set()
+        log.info("ready", extra={"ctx": {"sidecar_port": self.sidecar_port}})
+
+    async def _cleanup_outputs(self) -> None:
+        max_age_s = self.settings.task_cleanup_hours * 3600
+        while True:
+            removed = await self._outputs.cleanup(max_age_s)
+            if removed:
+                log.info("removed %d old output(s)", removed)
+            await asyncio.sleep(CLEANUP_INTERVAL_S)
+
+    def _instance_gauges(self) -> list[InstanceGauge]:
+        pool = self._pool
+        if pool is None:
+            return []
+        return [
+            InstanceGauge(st.name, st.in_flight, st.capacity, st.healthy) for st in pool.stats()
+        ]
+
+    # ServiceView, for the sidecar
+
+    async def readiness(self) -> dict[str, str | None]:
+        broker, intake, pool = self._broker, self._intake, self._pool
+        store_ok = self._store is not None and await self._store.ping()
+        self.metrics.broker_connected.set(1 if broker and broker.is_connected else 0)
+        return {
+            "broker": None if broker and broker.is_connected else "broker connection down",
+            "consuming": None if intake and intake.consuming.is_set() else "not consuming",
+            "comfyui": None
+            if pool and pool.healthy_capacity() > 0
+            else "no healthy ComfyUI instance",
+            "state_store": None if store_ok else "task store unreachable",
+        }
+
+    def health(self) -> dict[str, Any]:
+        instances = [st.as_dict() for st in self._pool.stats()] if self._pool else []
+        healthy = any(i["healthy"] for i in instances)
+        return {
+            "status": "healthy" if healthy else "degraded",
+            "service": self.name,
+            "broker_connected": bool(self._broker and self._broker.is_connected),
+            "tasks_in_flight": self._dispatcher.in_flight if self._dispatcher else 0,
+            "instances": instances,
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        counts = await self._require(self._store).counts()
+        uptime_s = time.monotonic() - self._started_at
+        ended = sum(
+            sample.value
+            for metric in self.metrics.tasks.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
+        return {
+            "tasks": counts,
+            "instances": [st.as_dict() for st in self._pool.stats()] if self._pool else [],
+            "throughput": {
+                "tasks_ended": int(ended),
+                "uptime_s": round(uptime_s, 1),
+                "tasks_per_minute": round(ended / uptime_s * 60, 2) if uptime_s else 0.0,
+            },
+        }
+
+    @staticmethod
+    def _require(value: _T | None) -> _T:
+        if value is None:
+            raise RuntimeError("service is not running")
+        return value
+
+
+@asynccontextmanager
+async def _open_store(settings: Settings) -> AsyncIterator[TaskStateStore]:
+    ttl_s = settings.task_cleanup_hours * 3600
+    store: TaskStateStore
+    if settings.state_backend == "redis":
+        store = RedisTaskStore.from_url(settings.redis_url.get_secret_value(), ttl_s=ttl_s)
+    else:
+        store = MemoryTaskStore(ttl_s=ttl_s)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _open_pool(settings: Settings) -> InstancePool:
+    return InstancePool(
+        settings.instances(),
+        connect_timeout_s=settings.comfyui_connect_timeout_s,
+        request_timeout_s=settings.comfyui_request_timeout_s,
+        health_interval_s=settings.comfyui_health_interval_s,
+        breaker_max_backoff_s=settings.comfyui_breaker_max_backoff_s,
+        ws_reconnect_max_s=settings.comfyui_ws_reconnect_max_s,
+        history_wait_s=settings.comfyui_history_wait_s,
+        outage_grace_s=settings.comfyui_outage_grace_s,
+        ws_heartbeat_s=settings.comfyui_ws_heartbeat_s,
+    )

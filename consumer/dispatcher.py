@@ -1,0 +1,360 @@
+"""Owns every running task of this replica, keyed by task_id, and decides how each ends.
+
+A task runs in an asyncio task of ours, never in the consumer callback (aio-pika cancels
+callbacks when a channel drops, which would kill a GPU job on every network blip). The
+delivery is only a handle: a redelivered copy attaches to the running task, and every
+handle is settled when the task ends, after its terminal event is confirmed.
+
+How a task ends, and what happens to its message (the single ack decision, `_finish`):
+    completed / failed / cancelled   store terminal state -> publish (confirmed) -> ack
+    shutdown or lost channel         nothing: the message stays unacked and is redelivered
+    unexpected exception (a bug)     reject(requeue) so the queue's delivery limit stops
+                                     a message that crashes every time; on the last allowed
+                                     delivery a `failed` event (internal_error) goes out first
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from datetime import UTC
+from typing import TYPE_CHECKING
+
+from consumer.errors import ConsumerError, InvalidRequest
+from consumer.jobs import Job, utcnow
+from consumer.logs import ctx
+from consumer.state import TaskRecord
+from contracts import ErrorCode, EventKind, TaskStatus
+from contracts.models import BatchCompletedEvent, TaskEvent
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractIncomingMessage
+
+    from consumer.jobs import BatchRef
+    from consumer.metrics import Metrics
+    from consumer.pipeline import Pipeline
+    from consumer.reporter import Reporter
+    from consumer.state import TaskStateStore
+    from consumer.workflows import StyleCatalog
+    from contracts.models import CancelRequest, TransformRequest
+
+log = logging.getLogger(__name__)
+MAX_SEED = 2**32 - 1
+FINISH_TIMEOUT_S = 30.0
+
+
+class Dispatcher:
+    """Starts, tracks, cancels and finishes tasks."""
+
+    def __init__(
+        self,
+        *,
+        pipeline: Pipeline,
+        reporter: Reporter,
+        store: TaskStateStore,
+        catalog: StyleCatalog,
+        metrics: Metrics,
+        delivery_limit: int,
+    ) -> None:
+        self._pipeline = pipeline
+        self._reporter = reporter
+        self._store = store
+        self._catalog = catalog
+        self._metrics = metrics
+        self._delivery_limit = delivery_limit
+        self._running: dict[str, tuple[Job, asyncio.Task[None]]] = {}
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __repr__(self) -> str:
+        return f"<Dispatcher running={len(self._running)} finishing={len(self._finishing)}>"
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def submit(
+        self,
+        message: AbstractIncomingMessage,
+        request: TransformRequest,
+        batch: BatchRef | None = None,
+    ) -> None:
+        """Start (or attach to, or answer from the store) the task this delivery asks for."""
+        task_id = request.task_id or message.message_id or uuid.uuid4().hex
+        if (running := self._running.get(task_id)) is not None:
+            running[0].handles.append(message)
+            return
+        style = self._catalog.get(request.style_type)
+        record = await self._store.get(task_id)
+        if record is not None and record.user_id != request.user_id:
+            raise InvalidRequest(f"task_id {task_id!r} is already used by another user")
+        job = Job(
+            task_id=task_id,
+            request=request,
+            style=style,
+            seed=_seed(request, record),
+            batch=batch,
+            reply_to=message.reply_to,
+            correlation_id=message.correlation_id,
+            created_at=record.created_at if record else utcnow(),
+            handles=[message],
+        )
+        if record is not None and record.status.is_terminal:
+            await self._answer_from_store(job, record)
+            return
+        self._record_queue_wait(job, message)
+        await self._accept(job, record)
+
+    def _record_queue_wait(self, job: Job, message: AbstractIncomingMessage) -> None:
+        published = message.timestamp
+        if published is None:
+            return
+        if published.tzinfo is None:
+            published = published.replace(tzinfo=UTC)
+        wait_s = max(0.0, (utcnow() - published).total_seconds())
+        job.timings_ms["queued"] = round(wait_s * 1000)
+        self._metrics.stage_seconds.labels("queue_wait").observe(wait_s)
+
+    async def _accept(self, job: Job, record: TaskRecord | None) -> None:
+        if record is None:
+            await self._store.create(_new_record(job))
+        await self._reporter.accepted(job)
+        self._start(job)
+
+    def _start(self, job: Job) -> None:
+        task = asyncio.create_task(self._run(job), name=f"task-{job.task_id}")
+        self._running[job.task_id] = (job, task)
+        self._idle.clear()
+        self._metrics.tasks_in_flight.set(len(self._running))
+
+    async def _answer_from_store(self, job: Job, record: TaskRecord) -> None:
+        """A redelivery of an ended task: publish its terminal event again, then ack."""
+        if record.terminal_event is not None:  # the same event, event_id included
+            event = TaskEvent.model_validate_json(record.terminal_event)
+        else:  # cancelled while it waited in the queue
+            event = job.error_event(
+                EventKind.CANCELLED, ErrorCode.CANCELLED, "cancelled by its owner", retriable=False
+            )
+        await self._guarded_finish(job, event)
+
+    async def _run(self, job: Job) -> None:
+        try:
+            event = await self._outcome(job)
+            if event is not None:
+                await asyncio.shield(self._guarded_finish(job, event))
+        finally:
+            self._running.pop(job.task_id, None)
+            self._metrics.tasks_in_flight.set(len(self._running))
+            if not self._running:
+                self._idle.set()
+
+    async def _outcome(self, job: Job) -> TaskEvent | None:
+        """Run the pipeline; the terminal event, or None when the message must be requeued."""
+        try:
+            result = await self._pipeline.run(job)
+        except asyncio.CancelledError:
+            if not job.cancel_requested:
+                raise
+            _uncancel()
+            return job.error_event(
+                EventKind.CANCELLED, ErrorCode.CANCELLED, "cancelled by its owner", retriable=False
+            )
+        except ConsumerError as exc:
+            return job.error_event(EventKind.FAILED, exc.code, exc.message, retriable=exc.retriable)
+        except Exception:
+            log.exception("task crashed", extra=ctx(task_id=job.task_id, user_id=job.user_id))
+            return await self._crashed(job)
+        return job.event(
+            EventKind.COMPLETED, output_image_url=result.urls[0], output_image_urls=result.urls
+        )
+
+    async def _crashed(self, job: Job) -> TaskEvent | None:
+        """A bug: requeue (counted by the queue) unless this was the last allowed delivery."""
+        if _delivery_count(job.handles[-1]) < self._delivery_limit:
+            await _settle(job.handles, requeue=True)
+            return None
+        event = job.error_event(
+            EventKind.FAILED,
+            ErrorCode.INTERNAL_ERROR,
+            "processing crashed on every delivery",
+            retriable=False,
+        )
+        await self._store_terminal(job, event)
+        await self._reporter.terminal(event, job.reply_to, job.correlation_id)
+        await _settle(job.handles, requeue=True)  # the queue dead-letters it: delivery limit
+        return None
+
+    async def _guarded_finish(self, job: Job, event: TaskEvent) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._finishing.add(task)
+        try:
+            await self._finish(job, event)
+        finally:
+            if task is not None:
+                self._finishing.discard(task)
+
+    async def _finish(self, job: Job, event: TaskEvent) -> None:
+        """Store the terminal state, publish it (confirmed), then ack every handle."""
+        event = await self._store_terminal(job, event)
+        await self._reporter.terminal(event, job.reply_to, job.correlation_id)
+        self._metrics.tasks.labels(job.style.name, event.status.value).inc()
+        log.info(
+            "task %s",
+            event.status.value,
+            extra=ctx(
+                task_id=job.task_id,
+                user_id=job.user_id,
+                style_type=job.style.name,
+                instance=job.instance,
+                attempt=job.attempt,
+                error=event.error.code if event.error else None,
+                timings_ms=job.timings_ms or None,
+            ),
+        )
+        if job.batch is not None:
+            await self._maybe_batch_done(job)
+        await _settle(job.handles, requeue=False)
+
+    async def _store_terminal(self, job: Job, event: TaskEvent) -> TaskEvent:
+        """Record the terminal state; when another ending won the race, publish that one."""
+        changes = {
+            "status": event.status,
+            "terminal_event": event.model_dump_json(),
+            "progress": event.progress,
+            "attempt": job.attempt,
+            "instance": job.instance,
+            "output_image_url": event.output_image_url,
+            "output_image_urls": event.output_image_urls,
+            "error": event.error.model_dump(mode="json") if event.error else None,
+            "timings_ms": dict(job.timings_ms),
+        }
+        if await self._store.update(job.task_id, **changes) is not None:
+            return event
+        stored = await self._store.get(job.task_id)
+        if stored is None or stored.terminal_event is None:
+            return event
+        return TaskEvent.model_validate_json(stored.terminal_event)
+
+    async def _maybe_batch_done(self, job: Job) -> None:
+        batch = job.batch
+        if batch is None:
+            return
+        records = [await self._store.get(f"{batch.batch_id}-{i}") for i in range(batch.size)]
+        if not all(r is not None and r.status.is_terminal for r in records):
+            return
+        statuses = [r.status for r in records if r is not None]
+        await self._reporter.publish(
+            BatchCompletedEvent(
+                event_id=uuid.uuid4().hex,
+                batch_id=batch.batch_id,
+                user_id=job.user_id,
+                style_type=job.style.name,
+                task_ids=[f"{batch.batch_id}-{i}" for i in range(batch.size)],
+                completed=statuses.count(TaskStatus.COMPLETED),
+                failed=statuses.count(TaskStatus.FAILED),
+                cancelled=statuses.count(TaskStatus.CANCELLED),
+                metadata=job.request.metadata,
+                timestamp=utcnow(),
+            )
+        )
+
+    async def cancel(self, request: CancelRequest) -> int:
+        """Cancel the owner's task or batch wherever it is; returns how many were found."""
+        found = 0
+        for job, task in list(self._running.values()):
+            if job.user_id == request.user_id and _matches(job, request):
+                job.cancel_requested = True
+                task.cancel()
+                found += 1
+        if request.task_id and request.task_id not in self._running:
+            found += await self._tombstone(request.task_id, request.user_id)
+        return found
+
+    async def _tombstone(self, task_id: str, user_id: str) -> int:
+        """Mark a task that waits in the queue (or is not yet seen) as cancelled."""
+        record = await self._store.get(task_id)
+        if record is None:
+            created = await self._store.create(
+                TaskRecord(
+                    task_id=task_id,
+                    user_id=user_id,
+                    style_type="",
+                    status=TaskStatus.CANCELLED,
+                    created_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+            return int(created)
+        if record.user_id != user_id or record.status.is_terminal:
+            return 0
+        return int(await self._store.update(task_id, status=TaskStatus.CANCELLED) is not None)
+
+    async def drain(self, grace_s: float) -> None:
+        """Let running tasks finish for up to `grace_s`, then interrupt the rest (unacked)."""
+        try:
+            async with asyncio.timeout(grace_s):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("grace period over, interrupting %d task(s)", len(self._running))
+        tasks = [task for _, task in self._running.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._finishing:
+            await asyncio.wait(self._finishing, timeout=FINISH_TIMEOUT_S)
+
+
+def _matches(job: Job, request: CancelRequest) -> bool:
+    if request.task_id is not None:
+        return job.task_id == request.task_id
+    return job.batch is not None and job.batch.batch_id == request.batch_id
+
+
+def _seed(request: TransformRequest, record: TaskRecord | None) -> int:
+    if request.seed is not None:
+        return request.seed
+    if record is not None and record.seed is not None:
+        return record.seed
+    return random.randint(0, MAX_SEED)
+
+
+def _new_record(job: Job) -> TaskRecord:
+    return TaskRecord(
+        task_id=job.task_id,
+        user_id=job.user_id,
+        style_type=job.style.name,
+        status=TaskStatus.PENDING,
+        seed=job.seed,
+        batch_id=job.batch.batch_id if job.batch else None,
+        batch_index=job.batch.index if job.batch else None,
+        metadata=job.request.metadata,
+        created_at=job.created_at,
+        updated_at=utcnow(),
+    )
+
+
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    value = (message.headers or {}).get("x-delivery-count", 0)
+    return value if isinstance(value, int) else 0
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+async def _settle(handles: list[AbstractIncomingMessage], *, requeue: bool) -> None:
+    """Ack (or reject for requeue) every live handle; a dead channel's handle is moot."""
+    for message in handles:
+        try:
+            if requeue:
+                await message.reject(requeue=True)
+            else:
+                await message.ack()
+        except Exception as exc:  # the channel is gone: the broker redelivers; idempotent
+            log.debug("could not settle a delivery: %s", exc)

@@ -1,0 +1,272 @@
+"""The AMQP side of the service: consume requests and cancels, hand them to the dispatcher.
+
+- `style.transform` is consumed with `prefetch_count` = the healthy capacity of the pool
+  (capped by MAX_CONCURRENT_TASKS): the queue holds the backlog, so other replicas share it.
+  With no healthy instance, the consumer is cancelled until one comes back.
+- Poison (bad JSON, wrong schema, unknown style, oversized, wrong content type) gets a
+  `failed` event when a user_id can be read, is dead-lettered with its reason, then acked.
+- Batches are expanded into single requests (published with confirms) before their ack.
+- Cancels arrive on this replica's own control queue (a fanout reaches every replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+import orjson
+
+from consumer.errors import ConsumerError, InvalidRequest
+from consumer.jobs import BatchRef, utcnow
+from consumer.logs import ctx
+from consumer.topology import declare_control_queue, declare_topology
+from contracts import EventKind, TaskStatus
+from contracts.decode import InvalidMessage, decode_request
+from contracts.ids import BATCH_ID_PATTERN, USER_ID_PATTERN, batch_task_id, is_valid_id
+from contracts.models import (
+    BatchTransformRequest,
+    CancelRequest,
+    TaskError,
+    TaskEvent,
+    TransformRequest,
+)
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+    from consumer.broker import Broker
+    from consumer.comfy import InstancePool
+    from consumer.dispatcher import Dispatcher
+    from consumer.events import EventPublisher
+    from consumer.metrics import Metrics
+    from consumer.topology import Topology
+    from consumer.workflows import StyleCatalog
+    from contracts import ErrorCode
+
+log = logging.getLogger(__name__)
+JSON_TYPES = {"application/json", "text/json"}
+BATCH_HEADERS = ("x-batch-id", "x-batch-index", "x-batch-size")
+
+
+class Intake:
+    """Consumes the work queue and the control queue for the life of the service."""
+
+    def __init__(
+        self,
+        *,
+        broker: Broker,
+        topology: Topology,
+        dispatcher: Dispatcher,
+        publisher: EventPublisher,
+        pool: InstancePool,
+        catalog: StyleCatalog,
+        metrics: Metrics,
+        max_message_bytes: int,
+        max_in_flight: int,
+        delivery_limit: int,
+    ) -> None:
+        self._broker = broker
+        self._topology = topology
+        self._dispatcher = dispatcher
+        self._publisher = publisher
+        self._pool = pool
+        self._catalog = catalog
+        self._metrics = metrics
+        self._max_bytes = max_message_bytes
+        self._max_in_flight = max_in_flight
+        self._delivery_limit = delivery_limit
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._prefetch = 0
+        self._stopped = False
+        self.consuming = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Intake prefetch={self._prefetch} consuming={self.consuming.is_set()}>"
+
+    async def run(self) -> None:
+        """Declare the topology, consume cancels, and follow pool capacity until cancelled."""
+        self._channel = await self._broker.consume_channel(prefetch_count=1)
+        declared = await declare_topology(self._channel, self._topology, self._delivery_limit)
+        self._queue = declared.queues[self._topology.transform]
+        control_channel = await self._broker.consume_channel(prefetch_count=32)
+        control = await declare_control_queue(control_channel, self._topology)
+        await control.consume(self._on_control)
+        while not self._stopped:
+            await self._follow_capacity()
+            await self._pool.capacity_changed()
+
+    async def stop(self) -> None:
+        """Stop taking new work (running tasks go on)."""
+        self._stopped = True
+        await self._cancel_consumer()
+
+    async def _follow_capacity(self) -> None:
+        desired = min(self._pool.healthy_capacity(), self._max_in_flight)
+        if desired == self._prefetch and (desired == 0) == (self._consumer_tag is None):
+            return
+        await self._cancel_consumer()
+        self._prefetch = desired
+        if desired == 0 or self._stopped or self._queue is None or self._channel is None:
+            log.warning("no healthy ComfyUI instance: not consuming")
+            return
+        await self._channel.set_qos(prefetch_count=desired)
+        self._consumer_tag = await self._queue.consume(self._on_message)
+        self.consuming.set()
+        log.info("consuming with prefetch %d", desired)
+
+    async def _cancel_consumer(self) -> None:
+        self.consuming.clear()
+        if self._consumer_tag is None or self._queue is None:
+            return
+        tag, self._consumer_tag = self._consumer_tag, None
+        try:
+            await self._queue.cancel(tag)
+        except Exception as exc:  # the channel is gone; the robust one drops the consumer too
+            log.debug("consumer cancel failed: %s", exc)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._metrics.messages_consumed.labels(message.routing_key or "").inc()
+        try:
+            await self._handle(message)
+        except _Invalid as exc:
+            await self._dead_letter(message, exc.code, exc.message, exc.user_id)
+        except ConsumerError as exc:
+            await self._dead_letter(message, exc.code, exc.message, _peek_user_id(message.body))
+        except Exception:
+            log.exception("intake crashed on a message; requeued (the delivery limit applies)")
+            await message.reject(requeue=True)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        request = self._decode(message)
+        if isinstance(request, TransformRequest):
+            await self._dispatcher.submit(message, request, _batch_ref(message))
+        elif isinstance(request, BatchTransformRequest):
+            await self._expand(message, request)
+        else:
+            raise InvalidRequest("cancel requests go to routing key 'cancel', not the work queue")
+
+    def _decode(
+        self, message: AbstractIncomingMessage
+    ) -> TransformRequest | BatchTransformRequest | CancelRequest:
+        size = len(message.body)
+        if size > self._max_bytes:
+            raise _Invalid(f"message is {size} bytes; the limit is {self._max_bytes}", None)
+        content_type = (message.content_type or "application/json").split(";")[0].strip()
+        if content_type.lower() not in JSON_TYPES:
+            msg = f"content_type must be application/json, not {content_type!r}"
+            raise _Invalid(msg, _peek_user_id(message.body))
+        try:
+            return decode_request(message.routing_key or "", message.body)
+        except InvalidMessage as exc:
+            raise _Invalid(str(exc), exc.user_id) from exc
+
+    async def _expand(self, message: AbstractIncomingMessage, batch: BatchTransformRequest) -> None:
+        self._catalog.get(batch.style_type)
+        batch_id = batch.batch_id or message.message_id or uuid.uuid4().hex
+        if not is_valid_id(batch_id, BATCH_ID_PATTERN):
+            raise InvalidRequest(f"message_id {batch_id!r} cannot be a batch_id; set batch_id")
+        size = len(batch.image_urls)
+        for index, url in enumerate(batch.image_urls):
+            request = TransformRequest(
+                task_id=batch_task_id(batch_id, index),
+                image_url=url,
+                **batch.model_dump(exclude={"batch_id", "image_urls"}, exclude_none=True),
+            )
+            await self._publisher.publish_request(
+                "transform",
+                request.model_dump_json(exclude_none=True).encode(),
+                headers={"x-batch-id": batch_id, "x-batch-index": index, "x-batch-size": size},
+                reply_to=message.reply_to,
+                correlation_id=message.correlation_id,
+            )
+        await message.ack()
+        log.info("batch expanded", extra=ctx(batch_id=batch_id, user_id=batch.user_id, size=size))
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, code: ErrorCode, reason: str, user_id: str | None
+    ) -> None:
+        if user_id is not None:
+            await self._publisher.publish_event(_failed_event(message, user_id, code, reason))
+        await self._publisher.dead_letter(message, code, reason)
+        await message.ack()
+        self._metrics.messages_rejected.labels(code.value).inc()
+        self._metrics.messages_dead_lettered.labels(code.value).inc()
+        log.warning("message dead-lettered", extra=ctx(code=code.value, reason=reason[:300]))
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        try:
+            request = _decode_cancel(message.body)
+            found = await self._dispatcher.cancel(request)
+            log.info("cancel handled", extra=ctx(user_id=request.user_id, found=found))
+        except InvalidMessage as exc:
+            self._metrics.messages_rejected.labels("invalid_request").inc()
+            log.warning("invalid cancel ignored", extra=ctx(reason=str(exc)[:300]))
+        except Exception:
+            log.exception("cancel failed")
+        await message.ack()
+
+
+class _Invalid(InvalidRequest):
+    """An invalid request whose user_id (if any could be read) is kept for the failed event."""
+
+    def __init__(self, message: str, user_id: str | None) -> None:
+        super().__init__(message)
+        self.user_id = user_id
+
+
+def _decode_cancel(body: bytes) -> CancelRequest:
+    request = decode_request("cancel", body)
+    if not isinstance(request, CancelRequest):
+        raise InvalidMessage("not a cancel request", None)
+    return request
+
+
+def _peek_user_id(body: bytes) -> str | None:
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    user_id = value.get("user_id") if isinstance(value, dict) else None
+    return user_id if is_valid_id(user_id, USER_ID_PATTERN) else None
+
+
+def _peek_task_id(message: AbstractIncomingMessage) -> str:
+    try:
+        value = orjson.loads(message.body)
+    except orjson.JSONDecodeError:
+        value = None
+    task_id = value.get("task_id") if isinstance(value, dict) else None
+    for candidate in (task_id, message.message_id):
+        if is_valid_id(candidate):
+            return str(candidate)
+    return uuid.uuid4().hex
+
+
+def _failed_event(
+    message: AbstractIncomingMessage, user_id: str, code: ErrorCode, reason: str
+) -> TaskEvent:
+    now = utcnow()
+    return TaskEvent(
+        event=EventKind.FAILED,
+        event_id=uuid.uuid4().hex,
+        task_id=_peek_task_id(message),
+        user_id=user_id,
+        status=TaskStatus.FAILED,
+        progress=0,
+        attempt=1,
+        error=TaskError(code=code, message=reason, retriable=False),
+        created_at=now,
+        timestamp=now,
+    )
+
+
+def _batch_ref(message: AbstractIncomingMessage) -> BatchRef | None:
+    headers = message.headers or {}
+    batch_id, index, size = (headers.get(name) for name in BATCH_HEADERS)
+    if isinstance(batch_id, str) and isinstance(index, int) and isinstance(size, int):
+        return BatchRef(batch_id=batch_id, index=index, size=size)
+    return None

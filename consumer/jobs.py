@@ -1,0 +1,107 @@
+"""A task in flight: what was asked, where it stands, and the events that describe it.
+
+The delivery is only a handle on a job: a redelivered copy of a running task adds its
+handle here, and every live handle is settled when the job ends.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from consumer.workflows import Style
+from contracts import ErrorCode, EventKind, TaskStatus
+from contracts.models import TaskError, TaskEvent, Timings, TransformRequest
+
+STATUS_OF_EVENT = {
+    EventKind.ACCEPTED: TaskStatus.PENDING,
+    EventKind.STARTED: TaskStatus.PROCESSING,
+    EventKind.PROGRESS: TaskStatus.PROCESSING,
+    EventKind.RETRYING: TaskStatus.PROCESSING,
+    EventKind.COMPLETED: TaskStatus.COMPLETED,
+    EventKind.FAILED: TaskStatus.FAILED,
+    EventKind.CANCELLED: TaskStatus.CANCELLED,
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    """Where a task sits in its batch; carried in AMQP headers of expanded requests."""
+
+    batch_id: str
+    index: int
+    size: int
+
+
+@dataclass
+class Job:
+    """One task this replica is running."""
+
+    task_id: str
+    request: TransformRequest
+    style: Style
+    seed: int
+    batch: BatchRef | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    attempt: int = 1
+    instance: str | None = None
+    progress: int = 0
+    cancel_requested: bool = False
+    timings_ms: dict[str, int] = field(default_factory=dict)
+    handles: list[AbstractIncomingMessage] = field(default_factory=list)
+
+    @property
+    def user_id(self) -> str:
+        return self.request.user_id
+
+    @property
+    def prompt(self) -> str:
+        return self.request.custom_prompt or self.style.prompt
+
+    @property
+    def negative_prompt(self) -> str:
+        return self.request.negative_prompt or self.style.negative_prompt
+
+    @property
+    def strength(self) -> float:
+        return self.request.strength if self.request.strength is not None else self.style.strength
+
+    def event(self, kind: EventKind, **fields: Any) -> TaskEvent:
+        """A TaskEvent for this job, with everything known so far."""
+        now = utcnow()
+        base: dict[str, Any] = {
+            "event": kind,
+            "event_id": uuid.uuid4().hex,
+            "task_id": self.task_id,
+            "user_id": self.user_id,
+            "batch_id": self.batch.batch_id if self.batch else None,
+            "batch_index": self.batch.index if self.batch else None,
+            "style_type": self.style.name,
+            "status": STATUS_OF_EVENT[kind],
+            "progress": 100 if kind is EventKind.COMPLETED else self.progress,
+            "attempt": self.attempt,
+            "seed": self.seed,
+            "instance": self.instance,
+            "metadata": self.request.metadata,
+            "timings_ms": Timings(**self.timings_ms) if self.timings_ms else None,
+            "created_at": self.created_at,
+            "timestamp": now,
+        }
+        base.update(fields)
+        return TaskEvent(**base)
+
+    def error_event(
+        self, kind: EventKind, code: ErrorCode, message: str, *, retriable: bool
+    ) -> TaskEvent:
+        error = TaskError(code=code, message=message, retriable=retriable)
+        return self.event(kind, error=error)

@@ -1,0 +1,98 @@
+"""Every Prometheus metric of the service, bound to an injected registry.
+
+Label sets are bounded: style, status, stage, instance, event, code, kind. Never a task id.
+Instance gauges are read from the pool at scrape time, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "style_consumer"
+STAGE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+STAGES = ("queue_wait", "download", "normalise", "execute", "upload", "total")
+
+
+@dataclass(frozen=True)
+class InstanceGauge:
+    """What the pool says of one instance at scrape time."""
+
+    name: str
+    in_flight: int
+    capacity: int
+    healthy: bool
+
+
+class _InstanceCollector(Collector):
+    def __init__(self, read: Callable[[], Iterable[InstanceGauge]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            f"{PREFIX}_instance_in_flight", "Prompts running or staged", labels=["instance"]
+        )
+        capacity = GaugeMetricFamily(
+            f"{PREFIX}_instance_capacity", "Slots of the instance", labels=["instance"]
+        )
+        healthy = GaugeMetricFamily(
+            f"{PREFIX}_instance_healthy", "1 when the instance takes work", labels=["instance"]
+        )
+        for inst in self._read():
+            in_flight.add_metric([inst.name], inst.in_flight)
+            capacity.add_metric([inst.name], inst.capacity)
+            healthy.add_metric([inst.name], 1.0 if inst.healthy else 0.0)
+        yield from (in_flight, capacity, healthy)
+
+
+class Metrics:
+    """The metrics container. One per service (and one per test) with its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        reg = self.registry
+        self.tasks = Counter(
+            f"{PREFIX}_tasks",
+            "Tasks ended, by style and final status",
+            ["style", "status"],
+            registry=reg,
+        )
+        self.stage_seconds = Histogram(
+            f"{PREFIX}_stage_duration_seconds",
+            "Duration of each task stage",
+            ["stage"],
+            buckets=STAGE_BUCKETS_S,
+            registry=reg,
+        )
+        self.messages_consumed = Counter(
+            f"{PREFIX}_messages_consumed", "Messages taken from the broker", ["kind"], registry=reg
+        )
+        self.messages_rejected = Counter(
+            f"{PREFIX}_messages_rejected", "Messages refused as invalid", ["code"], registry=reg
+        )
+        self.messages_dead_lettered = Counter(
+            f"{PREFIX}_messages_dead_lettered",
+            "Messages sent to the dead-letter exchange",
+            ["code"],
+            registry=reg,
+        )
+        self.events_published = Counter(
+            f"{PREFIX}_events_published", "Events confirmed by the broker", ["event"], registry=reg
+        )
+        self.retries = Counter(
+            f"{PREFIX}_retries", "Task attempts retried after a transient error", registry=reg
+        )
+        self.broker_connected = Gauge(
+            f"{PREFIX}_broker_connected", "1 while both broker connections are open", registry=reg
+        )
+        self.tasks_in_flight = Gauge(
+            f"{PREFIX}_tasks_in_flight", "Tasks this replica is running", registry=reg
+        )
+
+    def watch_instances(self, read: Callable[[], Iterable[InstanceGauge]]) -> None:
+        """Expose the pool's per-instance figures, read at every scrape."""
+        self.registry.register(_InstanceCollector(read))

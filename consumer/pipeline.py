@@ -1,0 +1,212 @@
+"""The task pipeline: fetch and normalise the photo, run the style on an instance, store the result.
+
+Orchestration only: wire details live in `images`, `comfy`, `storage`. Retriable failures are
+retried on another instance with backoff; the caller turns the outcome into events and acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import random
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from consumer.errors import TaskTimeout, TransientError
+from consumer.fetch import ImageFetcher
+from consumer.images import NormalisedImage, normalise
+from consumer.logs import ctx
+from consumer.storage import OutputStore, upload_presigned
+from consumer.workflows import RenderParams
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from consumer.comfy import Instance, InstancePool, OutputImage
+    from consumer.jobs import Job
+    from consumer.metrics import Metrics
+
+log = logging.getLogger(__name__)
+UPLOAD_SUBFOLDER = "style-consumer"
+TIMING_KEYS = frozenset({"download", "execute", "upload", "total"})  # as in contracts' Timings
+
+
+class Progress(Protocol):
+    """What the pipeline tells the outside world while it runs (events, state)."""
+
+    async def started(self, job: Job) -> None: ...
+    async def progress(self, job: Job, percent: int) -> None: ...
+    async def retrying(self, job: Job, error: TransientError, delay_s: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    max_side: int = 1024
+    max_pixels: int = 50_000_000
+    max_attempts: int = 3
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 30.0
+    task_timeout_s: float = 600.0
+    upload_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished task: where its images are."""
+
+    urls: list[str]
+
+
+class Pipeline:
+    """Runs one job from URL to stored result. Stateless between jobs."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        fetcher: ImageFetcher,
+        pool: InstancePool,
+        outputs: OutputStore,
+        notify: Progress,
+        metrics: Metrics,
+    ) -> None:
+        self._cfg = config
+        self._fetcher = fetcher
+        self._pool = pool
+        self._outputs = outputs
+        self._notify = notify
+        self._metrics = metrics
+
+    async def run(self, job: Job) -> Result:
+        """Run the job under its deadline; raises a ConsumerError when it cannot complete."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._cfg.task_timeout_s):
+                image = await self._prepare(job)
+                files = await self._execute_with_retries(job, image)
+                urls = await self._store(job, files)
+        except TimeoutError as exc:
+            msg = f"task ran past TASK_TIMEOUT_S={self._cfg.task_timeout_s:g}s; prompt interrupted"
+            raise TaskTimeout(msg) from exc
+        finally:
+            self._record(job, "total", started)
+        return Result(urls=urls)
+
+    async def _prepare(self, job: Job) -> NormalisedImage:
+        with self._stage(job, "download"):
+            data = await self._fetcher.fetch(job.request.image_url)
+        with self._stage(job, "normalise"):
+            return await asyncio.to_thread(
+                normalise, data, self._cfg.max_side, self._cfg.max_pixels
+            )
+
+    async def _execute_with_retries(
+        self, job: Job, image: NormalisedImage
+    ) -> list[tuple[OutputImage, bytes]]:
+        failed_on: set[str] = set()
+        while True:
+            try:
+                return await self._execute_once(job, image, failed_on)
+            except TransientError as exc:
+                if job.attempt >= self._cfg.max_attempts:
+                    raise
+                if job.instance:
+                    failed_on.add(job.instance)
+                delay_s = self._backoff_s(job.attempt)
+                log.warning("attempt failed, retrying", extra=ctx(**_fields(job), error=str(exc)))
+                self._metrics.retries.inc()
+                await self._notify.retrying(job, exc, delay_s)
+                await asyncio.sleep(delay_s)
+                job.attempt += 1
+
+    async def _execute_once(
+        self, job: Job, image: NormalisedImage, exclude: set[str]
+    ) -> list[tuple[OutputImage, bytes]]:
+        async with self._pool.slot(job.style.required_node_classes, exclude=exclude) as instance:
+            job.instance = instance.name
+            with self._stage(job, "execute"):
+                return await self._run_prompt(job, instance, image)
+
+    async def _run_prompt(
+        self, job: Job, instance: Instance, image: NormalisedImage
+    ) -> list[tuple[OutputImage, bytes]]:
+        client = instance.client
+        name = f"{job.task_id}-{job.attempt}-{uuid.uuid4().hex[:8]}.png"
+        ref = await client.upload_image(image.png, name, UPLOAD_SUBFOLDER)
+        run = await client.submit(job.style.render(self._params(job, ref)))
+        await self._notify.started(job)
+        try:
+            async for percent in run.progress():
+                await self._notify.progress(job, percent)
+            images = await run.wait()
+            return [(img, await client.view(img)) for img in images]
+        except asyncio.CancelledError:
+            await asyncio.shield(run.cancel())
+            raise
+
+    def _params(self, job: Job, image_ref: str) -> RenderParams:
+        return RenderParams(
+            image=image_ref,
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            strength=job.strength,
+            seed=job.seed,
+            filename_prefix=f"{UPLOAD_SUBFOLDER}/{job.task_id}-{uuid.uuid4().hex[:8]}",
+        )
+
+    async def _store(self, job: Job, files: list[tuple[OutputImage, bytes]]) -> list[str]:
+        with self._stage(job, "upload"):
+            target = job.request.output
+            if target is not None:
+                image, data = files[0]
+                url = await upload_presigned(
+                    self._fetcher.session,  # the SSRF guard applies to upload URLs too
+                    str(target.upload_url),
+                    data,
+                    _content_type(image.filename),
+                    self._cfg.upload_timeout_s,
+                    guard=self._fetcher.guard,
+                )
+                return [url]
+            return [
+                await self._outputs.save(
+                    job.task_id, img.filename, data, _content_type(img.filename)
+                )
+                for img, data in files
+            ]
+
+    def _backoff_s(self, attempt: int) -> float:
+        exponential_s: float = self._cfg.retry_backoff_s * 2.0 ** (attempt - 1)
+        return min(self._cfg.retry_backoff_max_s, exponential_s) * random.uniform(0.5, 1.0)
+
+    @contextmanager
+    def _stage(self, job: Job, stage: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._record(job, stage, started)
+
+    def _record(self, job: Job, stage: str, started: float) -> None:
+        elapsed_s = time.monotonic() - started
+        self._metrics.stage_seconds.labels(stage).observe(elapsed_s)
+        if stage in TIMING_KEYS:
+            job.timings_ms[stage] = job.timings_ms.get(stage, 0) + round(elapsed_s * 1000)
+
+
+def _content_type(filename: str) -> str:
+    return mimetypes.guess_type(filename)[0] or "application/octet-stream"
+
+
+def _fields(job: Job) -> dict[str, object]:
+    return {
+        "task_id": job.task_id,
+        "user_id": job.user_id,
+        "style_type": job.style.name,
+        "instance": job.instance,
+        "attempt": job.attempt,
+    }

@@ -1,0 +1,110 @@
+"""Turns job milestones into state-store updates and published events.
+
+Progress events are lossy by nature: throttled to one per `progress_interval_s` per task,
+only when the percentage changes, and dropped (logged) when the broker cannot take them.
+Terminal events are never dropped: they are retried until the broker confirms them, or
+until shutdown cancels the wait (the message then stays unacked and is redelivered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from consumer.errors import BrokerUnavailable, TransientError
+from consumer.logs import ctx
+from contracts import EventKind, TaskStatus
+
+if TYPE_CHECKING:
+    from consumer.events import EventPublisher
+    from consumer.jobs import Job
+    from consumer.metrics import Metrics
+    from consumer.state import TaskStateStore
+    from contracts.models import BatchCompletedEvent, TaskEvent
+
+log = logging.getLogger(__name__)
+TERMINAL_RETRY_MAX_S = 5.0
+
+
+class Reporter:
+    """The one place that tells the outside world where a job stands."""
+
+    def __init__(
+        self,
+        publisher: EventPublisher,
+        store: TaskStateStore,
+        metrics: Metrics,
+        progress_interval_s: float,
+    ) -> None:
+        self._publisher = publisher
+        self._store = store
+        self._metrics = metrics
+        self._interval_s = progress_interval_s
+        self._last_progress_at: dict[str, float] = {}
+
+    async def accepted(self, job: Job) -> None:
+        await self.publish(job.event(EventKind.ACCEPTED))
+
+    async def started(self, job: Job) -> None:
+        await self._store.update(
+            job.task_id,
+            status=TaskStatus.PROCESSING,
+            instance=job.instance,
+            attempt=job.attempt,
+        )
+        await self.publish(job.event(EventKind.STARTED))
+
+    async def progress(self, job: Job, percent: int) -> None:
+        now = time.monotonic()
+        last_at = self._last_progress_at.get(job.task_id)
+        if percent <= job.progress or (last_at is not None and now - last_at < self._interval_s):
+            return
+        job.progress = percent
+        self._last_progress_at[job.task_id] = now
+        await self._store.update(job.task_id, progress=percent)
+        try:
+            await self.publish(job.event(EventKind.PROGRESS))
+        except BrokerUnavailable as exc:
+            log.info("progress event dropped", extra=ctx(task_id=job.task_id, error=str(exc)))
+
+    async def retrying(self, job: Job, error: TransientError, delay_s: float) -> None:
+        job.progress = 0
+        await self._store.update(job.task_id, attempt=job.attempt + 1, progress=0)
+        event = job.error_event(EventKind.RETRYING, error.code, error.message, retriable=True)
+        await self.publish(event.model_copy(update={"attempt": job.attempt + 1}))
+        log.info("retry in %.1fs", delay_s, extra=ctx(task_id=job.task_id))
+
+    async def publish(self, event: TaskEvent | BatchCompletedEvent) -> None:
+        await self._publisher.publish_event(event)
+        self._metrics.events_published.labels(event.event).inc()
+
+    async def terminal(
+        self, event: TaskEvent, reply_to: str | None, correlation_id: str | None
+    ) -> None:
+        """Publish a terminal event (and its RPC reply), retrying until confirmed."""
+        self._last_progress_at.pop(event.task_id, None)
+        await self._until_confirmed(lambda: self.publish(event))
+        if reply_to:
+            await self._until_confirmed(
+                lambda: self._publisher.publish_reply(reply_to, correlation_id, event)
+            )
+
+    async def _until_confirmed(self, publish: _Publish) -> None:
+        delay_s = 0.1
+        while True:
+            try:
+                await publish()
+            except BrokerUnavailable as exc:
+                log.warning("terminal event not confirmed, retrying", extra=ctx(error=str(exc)))
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, TERMINAL_RETRY_MAX_S)
+            else:
+                return
+
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    _Publish = Callable[[], Awaitable[None]]
