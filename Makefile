@@ -9,8 +9,11 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-install: $(PY)
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $@
 
 demo: install
 	$(PY) -m consumer.demo

@@ -244,7 +244,9 @@ async def _open_store(settings: Settings) -> AsyncIterator[TaskStateStore]:
     ttl_s = settings.task_cleanup_hours * 3600
     store: TaskStateStore
     if settings.state_backend == "redis":
-        store = RedisTaskStore.from_url(settings.redis_url.get_secret_value(), ttl_s=ttl_s)
+        store = RedisTaskStore.from_url(
+            settings.redis_url.get_secret_value(), ttl_s=ttl_s, key_prefix=settings.redis_key_prefix
+        )
     else:
         store = MemoryTaskStore(ttl_s=ttl_s)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import sys
 import tempfile
 import uuid
@@ -110,6 +111,7 @@ async def run_demo() -> int:
         ]
         photo_url = await serve_photo(stack)
         output_dir = Path(tempfile.mkdtemp(prefix="style-demo-"))
+        port = _free_port()
         settings = load_settings(
             comfyui_instances=[
                 ComfyInstanceSettings(url=e.url, name=f"emulator-{i + 1}", max_concurrency=2)
@@ -117,7 +119,9 @@ async def run_demo() -> int:
             ],
             image_url_allowed_hosts=["127.0.0.1"],
             output_dir=output_dir,
-            sidecar_port=0,
+            sidecar_host="127.0.0.1",
+            sidecar_port=port,
+            public_base_url=f"http://127.0.0.1:{port}",
             progress_interval_ms=100,
         )
         service = Service(settings)
@@ -178,12 +182,20 @@ def _report(board: Board, output_dir: Path, port: int | None) -> int:
         s = board.state[task_id]
         if s["event"] == "completed":
             total_ms = s["timings_ms"]["total"]
-            print(f"{style:<13} {s['output_image_url']}  (seed {s['seed']}, {total_ms} ms)")
+            local = output_dir / s["output_image_url"].split("/outputs/", 1)[1]
+            print(f"{style:<13} {local}  (seed {s['seed']}, {total_ms} ms on {s['instance']})")
         else:
             failed += 1
             print(f"{style:<13} {s['event']}: {s.get('error')}")
-    print(f"\nfiles are under {output_dir} (served by the sidecar on port {port} while it ran)")
+    print(f"\nthe sidecar served them at http://127.0.0.1:{port}/outputs/... while it ran")
     return 1 if failed else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def main() -> int:

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
 
     # Tasks
     task_timeout_s: float = Field(default=600.0, gt=0)
+    execution_timeout_s: float = Field(default=300.0, gt=0)
+    lease_ttl_s: float = Field(default=30.0, gt=0)
     task_cleanup_hours: float = Field(default=24.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=20)
     retry_backoff_s: float = Field(default=1.0, ge=0)
@@ -121,6 +123,7 @@ class Settings(BaseSettings):
     # Task state
     state_backend: StateBackend = StateBackend.MEMORY
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_key_prefix: str = "style-consumer:"
 
     # Sidecar
     sidecar_host: str = "0.0.0.0"  # noqa: S104 - the sidecar is meant to be scraped from outside
