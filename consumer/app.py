@@ -137,6 +137,7 @@ class Service:
                 retry_backoff_s=s.retry_backoff_s,
                 retry_backoff_max_s=s.retry_backoff_max_s,
                 task_timeout_s=s.task_timeout_s,
+                execution_timeout_s=s.execution_timeout_s,
                 upload_timeout_s=s.output_upload_timeout_s,
             ),
             fetcher=fetcher,
@@ -152,6 +153,8 @@ class Service:
             catalog=self.catalog,
             metrics=self.metrics,
             delivery_limit=s.amqp_delivery_limit,
+            owner=self.name,
+            lease_ttl_s=s.lease_ttl_s,
         )
         self._intake = Intake(
             broker=broker,

@@ -57,7 +57,11 @@ class Dispatcher:
         catalog: StyleCatalog,
         metrics: Metrics,
         delivery_limit: int,
+        owner: str,
+        lease_ttl_s: float,
     ) -> None:
+        self._owner = owner
+        self._lease_ttl_s = lease_ttl_s
         self._pipeline = pipeline
         self._reporter = reporter
         self._store = store
@@ -142,14 +146,63 @@ class Dispatcher:
 
     async def _run(self, job: Job) -> None:
         try:
-            event = await self._outcome(job)
-            if event is not None:
-                await asyncio.shield(self._guarded_finish(job, event))
+            if not await self._take_lease(job):
+                return
+            try:
+                event = await self._leased_outcome(job)
+                if event is not None:
+                    await asyncio.shield(self._guarded_finish(job, event))
+            finally:
+                await asyncio.shield(self._release_lease(job))
         finally:
             self._running.pop(job.task_id, None)
             self._metrics.tasks_in_flight.set(len(self._running))
             if not self._running:
                 self._idle.set()
+
+    async def _take_lease(self, job: Job) -> bool:
+        """Hold the task's lease before running it; while a live replica holds it, wait.
+
+        False when the task ended meanwhile (its terminal event was then re-published and
+        this delivery acked). A lease whose replica died expires after LEASE_TTL_S.
+        """
+        while not await self._store.acquire_lease(job.task_id, self._owner, self._lease_ttl_s):
+            record = await self._store.get(job.task_id)
+            if record is not None and record.status.is_terminal:
+                await self._answer_from_store(job, record)
+                return False
+            log.info("task leased by another replica; waiting", extra=ctx(task_id=job.task_id))
+            await asyncio.sleep(self._lease_ttl_s / 3)  # a lease held elsewhere has no push
+        record = await self._store.get(job.task_id)
+        if record is not None and record.prompt_id and record.instance:
+            job.previous_prompt = (record.instance, record.prompt_id)
+        return True
+
+    async def _leased_outcome(self, job: Job) -> TaskEvent | None:
+        async with asyncio.TaskGroup() as group:
+            keeper = group.create_task(self._keep_lease(job))
+            try:
+                return await self._outcome(job)
+            finally:
+                keeper.cancel()
+
+    async def _keep_lease(self, job: Job) -> None:
+        """Renew the lease while the task runs; a store hiccup must not touch the task."""
+        while True:
+            await asyncio.sleep(self._lease_ttl_s / 3)
+            try:
+                renewed = await self._store.renew_lease(job.task_id, self._owner, self._lease_ttl_s)
+            except Exception as exc:
+                log.warning("lease renewal failed: %s", exc, extra=ctx(task_id=job.task_id))
+                continue
+            if not renewed:
+                log.warning("task lease lost", extra=ctx(task_id=job.task_id))
+
+    async def _release_lease(self, job: Job) -> None:
+        try:
+            await self._store.release_lease(job.task_id, self._owner)
+        except Exception as exc:  # it expires by itself
+            log.warning("could not release the lease of %s: %s", job.task_id, exc)
 
     async def _outcome(self, job: Job) -> TaskEvent | None:
         """Run the pipeline; the terminal event, or None when the message must be requeued."""

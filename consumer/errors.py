@@ -17,6 +17,7 @@
     │   └── OutputUploadFailed         output_upload_failed  storing the result failed
     └── TransientError                 retry, on another instance when there is one
         ├── InstanceUnavailable        the instance died, restarted, refused or 5xx'd
+        │   └── InstanceStuck          timeout  a prompt did not finish in EXECUTION_TIMEOUT_S
         └── BrokerUnavailable          the broker did not confirm in time (nack + requeue)
 
 `internal_error` is the code of anything that is not a ConsumerError (a bug). A transient
@@ -109,3 +110,9 @@ class BrokerUnavailable(TransientError):
     """The broker did not confirm a publication in time."""
 
     code = ErrorCode.INTERNAL_ERROR
+
+
+class InstanceStuck(InstanceUnavailable):
+    """A prompt did not finish within EXECUTION_TIMEOUT_S: interrupted, tried elsewhere."""
+
+    code = ErrorCode.TIMEOUT

@@ -57,6 +57,8 @@ class Job:
     instance: str | None = None
     progress: int = 0
     cancel_requested: bool = False
+    prompt_id: str | None = None
+    previous_prompt: tuple[str, str] | None = None  # (instance, prompt_id) of an earlier run
     timings_ms: dict[str, int] = field(default_factory=dict)
     handles: list[AbstractIncomingMessage] = field(default_factory=list)
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from consumer.errors import TaskTimeout, TransientError
+from consumer.errors import InstanceStuck, TaskTimeout, TransientError
 from consumer.fetch import ImageFetcher
 from consumer.images import NormalisedImage, normalise
 from consumer.logs import ctx
@@ -51,6 +51,7 @@ class PipelineConfig:
     retry_backoff_s: float = 1.0
     retry_backoff_max_s: float = 30.0
     task_timeout_s: float = 600.0
+    execution_timeout_s: float = 300.0
     upload_timeout_s: float = 60.0
 
 
@@ -86,8 +87,10 @@ class Pipeline:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._cfg.task_timeout_s):
-                image = await self._prepare(job)
-                files = await self._execute_with_retries(job, image)
+                files = await self._adopt(job)
+                if files is None:
+                    image = await self._prepare(job)
+                    files = await self._execute_with_retries(job, image)
                 urls = await self._store(job, files)
         except TimeoutError as exc:
             msg = f"task ran past TASK_TIMEOUT_S={self._cfg.task_timeout_s:g}s; prompt interrupted"
@@ -95,6 +98,27 @@ class Pipeline:
         finally:
             self._record(job, "total", started)
         return Result(urls=urls)
+
+    async def _adopt(self, job: Job) -> list[tuple[OutputImage, bytes]] | None:
+        """Take over the prompt an earlier run (a replica that died) left on an instance."""
+        if job.previous_prompt is None:
+            return None
+        name, prompt_id = job.previous_prompt
+        instance = self._pool.find(name)
+        if instance is None or not instance.healthy:
+            return None
+        try:
+            with self._stage(job, "execute"):
+                images = await instance.client.adopt(prompt_id)
+                if images is None:
+                    return None
+                files = [(img, await instance.client.view(img)) for img in images]
+        except TransientError as exc:
+            log.info("could not adopt prompt %s: %s", prompt_id, exc, extra=ctx(**_fields(job)))
+            return None
+        job.instance, job.prompt_id = name, prompt_id
+        log.info("adopted prompt %s from an earlier run", prompt_id, extra=ctx(**_fields(job)))
+        return files
 
     async def _prepare(self, job: Job) -> NormalisedImage:
         with self._stage(job, "download"):
@@ -138,15 +162,24 @@ class Pipeline:
         name = f"{job.task_id}-{job.attempt}-{uuid.uuid4().hex[:8]}.png"
         ref = await client.upload_image(image.png, name, UPLOAD_SUBFOLDER)
         run = await client.submit(job.style.render(self._params(job, ref)))
+        job.prompt_id = run.prompt_id
         await self._notify.started(job)
         try:
-            async for percent in run.progress():
-                await self._notify.progress(job, percent)
-            images = await run.wait()
-            return [(img, await client.view(img)) for img in images]
+            async with asyncio.timeout(self._cfg.execution_timeout_s):
+                async for percent in run.progress():
+                    await self._notify.progress(job, percent)
+                images = await run.wait()
+                return [(img, await client.view(img)) for img in images]
         except asyncio.CancelledError:
             await asyncio.shield(run.cancel())
             raise
+        except TimeoutError as exc:
+            await asyncio.shield(run.cancel())
+            msg = (
+                f"prompt {run.prompt_id} did not finish on {instance.name} within "
+                f"EXECUTION_TIMEOUT_S={self._cfg.execution_timeout_s:g}s; interrupted"
+            )
+            raise InstanceStuck(msg) from exc
 
     def _params(self, job: Job, image_ref: str) -> RenderParams:
         return RenderParams(

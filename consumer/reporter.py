@@ -52,6 +52,7 @@ class Reporter:
             job.task_id,
             status=TaskStatus.PROCESSING,
             instance=job.instance,
+            prompt_id=job.prompt_id,
             attempt=job.attempt,
         )
         await self.publish(job.event(EventKind.STARTED))

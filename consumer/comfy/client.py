@@ -191,6 +191,22 @@ class ComfyClient:
                 "prompt %s accepted with dropped outputs: %s", run.prompt_id, reply["node_errors"]
             )
 
+    async def adopt(self, prompt_id: str, poll_s: float = 0.5) -> list[OutputImage] | None:
+        """Outputs of a prompt submitted earlier (by a replica that died), or None if unknown.
+
+        Its socket events went to the old client id, so /history and /queue are polled until
+        it ends. Raises like `PromptRun.wait()` when it failed; None when it vanished.
+        """
+        while True:
+            entry = await self.history(prompt_id)
+            if entry is not None:
+                run = PromptRun(prompt_id, frozenset(), self)
+                run.settle_from_history(entry)
+                return await run.wait()
+            if prompt_id not in await self.queue():
+                return None
+            await asyncio.sleep(poll_s)  # its events go to another client id: poll
+
     async def view(self, image: OutputImage) -> bytes:
         """The bytes of one output file."""
         params = {"filename": image.filename, "subfolder": image.subfolder, "type": image.type}

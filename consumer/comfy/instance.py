@@ -48,6 +48,8 @@ class Instance:
         self.healthy = False
         self.node_classes: frozenset[str] | None = None
         self.consecutive_failures = 0
+        self.consecutive_stuck = 0
+        self.quarantined_until = 0.0  # the breaker is open until then, whatever probes say
         self.last_released_at = time.monotonic()
         self.wake = asyncio.Event()  # set to make the health loop probe now
         self._recent_s: deque[float] = deque(maxlen=_RECENT_RUNS)
@@ -83,6 +85,17 @@ class Instance:
             self._logged_missing.add(required)
             log.warning("instance %s lacks node classes %s", self.name, ", ".join(sorted(missing)))
         return not missing
+
+    def quarantine(self, base_s: float, max_s: float) -> float:
+        """Open the breaker after a stuck prompt; longer each time in a row. Returns seconds."""
+        self.consecutive_stuck += 1
+        delay_s = breaker_delay_s(self.consecutive_stuck, base_s, max_s)
+        self.quarantined_until = time.monotonic() + delay_s
+        return delay_s
+
+    @property
+    def quarantined(self) -> bool:
+        return time.monotonic() < self.quarantined_until
 
     def forget_node_classes_log(self) -> None:
         self._logged_missing.clear()

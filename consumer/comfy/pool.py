@@ -32,10 +32,11 @@ from typing import Self
 from consumer.comfy.client import ComfyClient
 from consumer.comfy.http import ClientTimeouts
 from consumer.comfy.instance import Instance, InstanceStats, breaker_delay_s
-from consumer.errors import InstanceUnavailable, WorkflowInvalid
+from consumer.errors import InstanceStuck, InstanceUnavailable, WorkflowInvalid
 from consumer.settings import ComfyInstanceSettings
 
 log = logging.getLogger(__name__)
+QUARANTINE_BASE_S = 1.0  # first breaker-open period after a stuck prompt, doubling in a row
 
 ClientFactory = Callable[[ComfyInstanceSettings], ComfyClient]
 
@@ -78,6 +79,7 @@ class InstancePool:
         self.instances = [Instance(s.label, make(s), s.max_concurrency) for s in instances]
         self._health_interval_s = health_interval_s
         self._breaker_max_backoff_s = breaker_max_backoff_s
+        self._quarantine_base_s = max(health_interval_s, QUARANTINE_BASE_S)
         self._waiters: deque[_Waiter] = deque()
         self._capacity_event = asyncio.Event()
         self._clients: AsyncExitStack | None = None
@@ -97,6 +99,10 @@ class InstancePool:
         (instance names) when another capable instance is healthy. Raises WorkflowInvalid
         when no instance of the pool offers the required node classes."""
         return self._slot(frozenset(required_nodes), frozenset(exclude))
+
+    def find(self, name: str) -> Instance | None:
+        """The instance called `name`, if the pool has one."""
+        return next((i for i in self.instances if i.name == name), None)
 
     def healthy_capacity(self) -> int:
         """Total slots of the healthy instances (the consumer's prefetch)."""
@@ -157,11 +163,16 @@ class InstancePool:
         started = time.monotonic()
         try:
             yield instance
+        except InstanceStuck:
+            delay_s = instance.quarantine(self._quarantine_base_s, self._breaker_max_backoff_s)
+            self._take_out(instance, f"a prompt got stuck on it; breaker open for {delay_s:.1f}s")
+            raise
         except InstanceUnavailable:
             instance.wake.set()  # let its health loop probe it now
             self._take_out(instance, "a prompt failed on it")
             raise
         else:
+            instance.consecutive_stuck = 0
             instance.record_execution(time.monotonic() - started)
         finally:
             self._release(instance)
@@ -230,6 +241,8 @@ class InstancePool:
     async def _watch(self, instance: Instance) -> None:
         while True:
             reason = await self._probe(instance)
+            if reason is None and instance.quarantined:
+                reason = "circuit open: its prompts stopped finishing"
             if reason is None:
                 self._put_back(instance)
             else:
@@ -255,6 +268,8 @@ class InstancePool:
         delay_s = breaker_delay_s(
             instance.consecutive_failures, self._health_interval_s, self._breaker_max_backoff_s
         )
+        if instance.quarantined:
+            delay_s = max(delay_s, instance.quarantined_until - time.monotonic())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay_s):
                 await instance.wake.wait()

@@ -169,3 +169,38 @@ async def test_shutdown_past_grace_leaves_the_task_for_redelivery(
     assert not {"completed", "failed", "cancelled"} & set(events.of(body["task_id"]))
     queue = await channel.declare_queue(topology.transform, passive=True)
     assert queue.declaration_result.message_count == 1
+
+
+async def test_a_stuck_instance_is_interrupted_and_the_task_retried_elsewhere(
+    make_settings, channel, topology, events, photos, emulators
+):
+    """A prompt that never finishes is interrupted and retried elsewhere; the breaker opens."""
+    emulators[0].faults.hang = True
+    settings = make_settings(execution_timeout_s=0.5, comfyui_max_concurrency=1)
+    tasks = [request(photos.url("photos/photo.jpg")) for _ in range(2)]
+    async with running_service(settings) as running:
+        for body in tasks:
+            await publish(channel, topology, "transform", body)
+        ends = [await events.terminal(body["task_id"]) for body in tasks]
+        stuck = running.service._pool.find("comfy-0")
+        assert stuck.consecutive_stuck >= 1
+    assert all(end["event"] == "completed" and end["instance"] == "comfy-1" for end in ends), ends
+    retried = [e for e in events.events if e["event"] == "retrying"]
+    assert retried
+    assert retried[0]["error"]["code"] == "timeout"
+
+
+async def test_a_task_stuck_everywhere_fails_with_timeout(
+    make_settings, channel, topology, events, photos, emulators
+):
+    """When every attempt gets stuck, the task fails with `timeout` after MAX_ATTEMPTS."""
+    for emulator in emulators:
+        emulator.faults.hang = True
+    settings = make_settings(execution_timeout_s=0.3, max_attempts=2)
+    body = request(photos.url("photos/photo.jpg"))
+    async with running_service(settings):
+        await publish(channel, topology, "transform", body)
+        done = await events.terminal(body["task_id"])
+    assert done["event"] == "failed"
+    assert done["error"]["code"] == "timeout"
+    assert done["attempt"] == 2
