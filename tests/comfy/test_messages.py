@@ -1,4 +1,4 @@
-"""Wire parsing against recorded traces of a real ComfyUI 0.8.0 (tests/comfy/traces)."""
+"""Wire parsing against recorded traces of a real ComfyUI 0.8.0 (tests/data/comfyui-traces)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from consumer.comfy.messages import (
     parse_queue,
 )
 
-TRACES = Path(__file__).parent / "traces"
+TRACES = Path(__file__).parents[1] / "data" / "comfyui-traces"
 
 
 def trace(name: str) -> list[dict[str, Any]]:
