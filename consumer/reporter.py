@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 from consumer.errors import BrokerUnavailable, TransientError
 from consumer.logs import ctx
 from contracts import EventKind, TaskStatus
+from contracts.models import BatchCompletedEvent
 
 if TYPE_CHECKING:
     from consumer.events import EventPublisher
     from consumer.jobs import Job
     from consumer.metrics import Metrics
     from consumer.state import TaskStateStore
-    from contracts.models import BatchCompletedEvent, TaskEvent
+    from contracts.models import TaskEvent
 
 log = logging.getLogger(__name__)
 TERMINAL_RETRY_MAX_S = 5.0
@@ -80,6 +81,8 @@ class Reporter:
     async def publish(self, event: TaskEvent | BatchCompletedEvent) -> None:
         await self._publisher.publish_event(event)
         self._metrics.events_published.labels(event.event).inc()
+        level = logging.DEBUG if event.event == EventKind.PROGRESS else logging.INFO
+        log.log(level, "event %s", event.event, extra=ctx(**_log_fields(event)))
 
     async def terminal(
         self, event: TaskEvent, reply_to: str | None, correlation_id: str | None
@@ -103,6 +106,20 @@ class Reporter:
                 delay_s = min(delay_s * 2, TERMINAL_RETRY_MAX_S)
             else:
                 return
+
+
+def _log_fields(event: TaskEvent | BatchCompletedEvent) -> dict[str, object]:
+    fields: dict[str, object] = {"user_id": event.user_id, "style_type": event.style_type}
+    if isinstance(event, BatchCompletedEvent):
+        return {**fields, "batch_id": event.batch_id}
+    error = event.error.code if event.error else None
+    return {
+        **fields,
+        "task_id": event.task_id,
+        "instance": event.instance,
+        "progress": event.progress,
+        "error": error,
+    }
 
 
 if TYPE_CHECKING:

@@ -53,6 +53,8 @@ class PhotoHost:
     base_url: str = ""
     uploads: dict[str, bytes] = field(default_factory=dict)
     uploaded: asyncio.Event = field(default_factory=asyncio.Event)
+    slow_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    slow_release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
@@ -78,7 +80,15 @@ class PhotoHost:
             self.uploaded.set()
             return web.Response(status=200)
 
+        async def slow(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse()
+            await response.prepare(request)
+            self.slow_requested.set()
+            await self.slow_release.wait()
+            return response
+
         app = web.Application()
+        app.router.add_get("/slow/photo.jpg", slow)
         app.router.add_get("/photos/{name}", serve)
         app.router.add_put("/upload/{name}", upload)
         return app
@@ -96,6 +106,7 @@ async def photo_host() -> AsyncIterator[PhotoHost]:
     try:
         yield host
     finally:
+        host.slow_release.set()
         await runner.cleanup()
 
 

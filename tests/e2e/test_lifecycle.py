@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
+import aiohttp
 import orjson
 import pytest
 
+from consumer.settings import ComfyInstanceSettings
 from tests.e2e.harness import WAIT_S, publish, request, running_service
 
 pytestmark = pytest.mark.connected
@@ -204,3 +206,48 @@ async def test_a_task_stuck_everywhere_fails_with_timeout(
     assert done["event"] == "failed"
     assert done["error"]["code"] == "timeout"
     assert done["attempt"] == 2
+
+
+async def test_cancel_while_downloading(settings, channel, topology, events, photos):
+    """A task cancelled while its photo downloads ends `cancelled` and never starts."""
+    body = request(photos.url("slow/photo.jpg"))
+    async with running_service(settings):
+        await publish(channel, topology, "transform", body)
+        async with asyncio.timeout(WAIT_S):
+            await photos.slow_requested.wait()
+        await publish(
+            channel, topology, "cancel", {"user_id": "user_1", "task_id": body["task_id"]}
+        )
+        done = await events.terminal(body["task_id"])
+    assert done["event"] == "cancelled"
+    assert "started" not in events.of(body["task_id"])
+
+
+async def test_cancel_while_queued_in_comfyui(
+    make_settings, channel, topology, events, photos, emulators
+):
+    """A prompt staged in ComfyUI's queue is deleted from it when its task is cancelled."""
+    comfy = emulators[0]
+    comfy.faults.hang = True
+    settings = make_settings(
+        comfyui_instances=[ComfyInstanceSettings(url=comfy.url, name="solo", max_concurrency=2)]
+    )
+    running_task, staged = (request(photos.url("photos/photo.jpg")) for _ in range(2))
+    async with running_service(settings), aiohttp.ClientSession() as http:
+        await publish(channel, topology, "transform", running_task)
+        await events.wait_for(
+            lambda e: e["task_id"] == running_task["task_id"] and e["event"] == "started"
+        )
+        await publish(channel, topology, "transform", staged)
+        await events.wait_for(
+            lambda e: e["task_id"] == staged["task_id"] and e["event"] == "started"
+        )
+        await publish(
+            channel, topology, "cancel", {"user_id": "user_1", "task_id": staged["task_id"]}
+        )
+        done = await events.terminal(staged["task_id"])
+        async with http.get(f"{comfy.url}/queue") as resp:
+            queue = await resp.json()
+    assert done["event"] == "cancelled"
+    assert queue["queue_pending"] == []
+    assert len(queue["queue_running"]) == 1
