@@ -25,7 +25,7 @@ from contracts.ids import batch_completed_routing_key, task_event_routing_key
 from contracts.models import BatchCompletedEvent
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
     from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
@@ -39,6 +39,8 @@ JSON = "application/json"
 APP_ID = "style-consumer"
 MAX_ERROR_MESSAGE_CHARS = 1000
 MAX_QUEUE_NAME_BYTES = 255
+RETRY_FIRST_S = 0.1
+RETRY_MAX_S = 5.0
 _BROKER_ERRORS = (
     TimeoutError,
     ConnectionError,
@@ -210,3 +212,23 @@ def _event_headers(event: Event) -> dict[str, Any]:
         return {"event": event.event, "batch_id": event.batch_id}
     headers = {"event": event.event.value, "task_id": event.task_id}
     return headers if event.batch_id is None else {**headers, "batch_id": event.batch_id}
+
+
+async def until_confirmed(publish: Callable[[], Awaitable[None]]) -> None:
+    """Retry `publish` with backoff while the broker is unavailable (blocked, reconnecting).
+
+    Only cancellation (shutdown, lost channel) ends the wait; an unroutable publication is a
+    missing binding, not a transient state, and is raised at once.
+    """
+    delay_s = RETRY_FIRST_S
+    while True:
+        try:
+            await publish()
+        except Unroutable:
+            raise
+        except BrokerUnavailable as exc:
+            log.warning("publish not confirmed, retrying in %.1fs: %s", delay_s, exc)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, RETRY_MAX_S)
+        else:
+            return

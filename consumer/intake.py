@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from consumer.errors import ConsumerError, InvalidRequest
+from consumer.events import until_confirmed
 from consumer.jobs import BatchRef, utcnow
 from consumer.logs import ctx
 from consumer.topology import declare_control_queue, declare_topology
@@ -97,15 +99,19 @@ class Intake:
         await control.consume(self._on_control)
         while not self._stopped:
             await self._follow_capacity()
-            await self._pool.capacity_changed()
+            if self._desired_prefetch() == self._prefetch:  # no change while we followed
+                await self._pool.capacity_changed()
 
     async def stop(self) -> None:
         """Stop taking new work (running tasks go on)."""
         self._stopped = True
         await self._cancel_consumer()
 
+    def _desired_prefetch(self) -> int:
+        return min(self._pool.healthy_capacity(), self._max_in_flight)
+
     async def _follow_capacity(self) -> None:
-        desired = min(self._pool.healthy_capacity(), self._max_in_flight)
+        desired = self._desired_prefetch()
         if desired == self._prefetch and (desired == 0) == (self._consumer_tag is None):
             return
         await self._cancel_consumer()
@@ -176,13 +182,17 @@ class Intake:
                 image_url=url,
                 **batch.model_dump(exclude={"batch_id", "image_urls"}, exclude_none=True),
             )
-            await self._publisher.publish_request(
+            body = request.model_dump_json(exclude_none=True).encode()
+            headers = {"x-batch-id": batch_id, "x-batch-index": index, "x-batch-size": size}
+            publish = functools.partial(
+                self._publisher.publish_request,
                 "transform",
-                request.model_dump_json(exclude_none=True).encode(),
-                headers={"x-batch-id": batch_id, "x-batch-index": index, "x-batch-size": size},
+                body,
+                headers=headers,
                 reply_to=message.reply_to,
                 correlation_id=message.correlation_id,
             )
+            await until_confirmed(publish)
         await message.ack()
         log.info("batch expanded", extra=ctx(batch_id=batch_id, user_id=batch.user_id, size=size))
 
@@ -190,8 +200,9 @@ class Intake:
         self, message: AbstractIncomingMessage, code: ErrorCode, reason: str, user_id: str | None
     ) -> None:
         if user_id is not None:
-            await self._publisher.publish_event(_failed_event(message, user_id, code, reason))
-        await self._publisher.dead_letter(message, code, reason)
+            event = _failed_event(message, user_id, code, reason)
+            await until_confirmed(lambda: self._publisher.publish_event(event))
+        await until_confirmed(lambda: self._publisher.dead_letter(message, code, reason))
         await message.ack()
         self._metrics.messages_rejected.labels(code.value).inc()
         self._metrics.messages_dead_lettered.labels(code.value).inc()

@@ -2,18 +2,18 @@
 
 Progress events are lossy by nature: throttled to one per `progress_interval_s` per task,
 only when the percentage changes, and dropped (logged) when the broker cannot take them.
-Terminal events are never dropped: they are retried until the broker confirms them, or
-until shutdown cancels the wait (the message then stays unacked and is redelivered).
+`accepted` and terminal events are never dropped: they are retried until the broker confirms
+them, or until shutdown cancels the wait (the message then stays unacked and is redelivered).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from consumer.errors import BrokerUnavailable, TransientError
+from consumer.events import until_confirmed
 from consumer.logs import ctx
 from contracts import EventKind, TaskStatus
 from contracts.models import BatchCompletedEvent
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from contracts.models import TaskEvent
 
 log = logging.getLogger(__name__)
-TERMINAL_RETRY_MAX_S = 5.0
 
 
 class Reporter:
@@ -46,7 +45,8 @@ class Reporter:
         self._last_progress_at: dict[str, float] = {}
 
     async def accepted(self, job: Job) -> None:
-        await self.publish(job.event(EventKind.ACCEPTED))
+        event = job.event(EventKind.ACCEPTED)
+        await until_confirmed(lambda: self.publish(event))
 
     async def started(self, job: Job) -> None:
         await self._store.update(
@@ -89,23 +89,11 @@ class Reporter:
     ) -> None:
         """Publish a terminal event (and its RPC reply), retrying until confirmed."""
         self._last_progress_at.pop(event.task_id, None)
-        await self._until_confirmed(lambda: self.publish(event))
+        await until_confirmed(lambda: self.publish(event))
         if reply_to:
-            await self._until_confirmed(
+            await until_confirmed(
                 lambda: self._publisher.publish_reply(reply_to, correlation_id, event)
             )
-
-    async def _until_confirmed(self, publish: _Publish) -> None:
-        delay_s = 0.1
-        while True:
-            try:
-                await publish()
-            except BrokerUnavailable as exc:
-                log.warning("terminal event not confirmed, retrying", extra=ctx(error=str(exc)))
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, TERMINAL_RETRY_MAX_S)
-            else:
-                return
 
 
 def _log_fields(event: TaskEvent | BatchCompletedEvent) -> dict[str, object]:
@@ -120,9 +108,3 @@ def _log_fields(event: TaskEvent | BatchCompletedEvent) -> dict[str, object]:
         "progress": event.progress,
         "error": error,
     }
-
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
-    _Publish = Callable[[], Awaitable[None]]
