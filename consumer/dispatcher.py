@@ -277,20 +277,25 @@ class Dispatcher:
         changes = {
             "status": event.status,
             "terminal_event": event.model_dump_json(),
-            "progress": event.progress,
-            "attempt": job.attempt,
-            "instance": job.instance,
             "output_image_url": event.output_image_url,
             "output_image_urls": event.output_image_urls,
             "error": event.error.model_dump(mode="json") if event.error else None,
-            "timings_ms": dict(job.timings_ms),
         }
-        if await self._store.update(job.task_id, **changes) is not None:
+        extras = {
+            "progress": event.progress,
+            "instance": job.instance,
+            "timings_ms": job.timings_ms,
+        }
+        if await self._store.update(job.task_id, **changes, **extras) is not None:
             return event
         stored = await self._store.get(job.task_id)
-        if stored is None or stored.terminal_event is None:
-            return event
-        return TaskEvent.model_validate_json(stored.terminal_event)
+        if stored is not None and stored.terminal_event is not None:
+            return TaskEvent.model_validate_json(stored.terminal_event)  # another ending won
+        refused_detail = stored is not None and not stored.status.is_terminal
+        # Refused for a detail (e.g. a stale progress figure): the ending still counts.
+        if refused_detail and await self._store.update(job.task_id, **changes) is None:
+            log.error("the store refused the end of %s", job.task_id)
+        return event
 
     async def _maybe_batch_done(self, job: Job) -> None:
         batch = job.batch

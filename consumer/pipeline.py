@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from consumer.errors import InstanceStuck, TaskTimeout, TransientError
+from consumer.errors import InstanceStuck, InstanceUnavailable, TaskTimeout, TransientError
 from consumer.fetch import ImageFetcher
 from consumer.images import NormalisedImage, normalise
 from consumer.logs import ctx
@@ -113,7 +113,7 @@ class Pipeline:
                 if images is None:
                     return None
                 files = [(img, await instance.client.view(img)) for img in images]
-        except TransientError as exc:
+        except InstanceUnavailable as exc:
             log.info("could not adopt prompt %s: %s", prompt_id, exc, extra=ctx(**_fields(job)))
             return None
         job.instance, job.prompt_id = name, prompt_id
@@ -135,7 +135,7 @@ class Pipeline:
         while True:
             try:
                 return await self._execute_once(job, image, failed_on)
-            except TransientError as exc:
+            except InstanceUnavailable as exc:  # not BrokerUnavailable: that is no attempt's fault
                 if job.attempt >= self._cfg.max_attempts:
                     raise
                 if job.instance:
@@ -143,9 +143,9 @@ class Pipeline:
                 delay_s = self._backoff_s(job.attempt)
                 log.warning("attempt failed, retrying", extra=ctx(**_fields(job), error=str(exc)))
                 self._metrics.retries.inc()
+                job.attempt += 1
                 await self._notify.retrying(job, exc, delay_s)
                 await asyncio.sleep(delay_s)
-                job.attempt += 1
 
     async def _execute_once(
         self, job: Job, image: NormalisedImage, exclude: set[str]

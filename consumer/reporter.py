@@ -56,7 +56,8 @@ class Reporter:
             prompt_id=job.prompt_id,
             attempt=job.attempt,
         )
-        await self.publish(job.event(EventKind.STARTED))
+        event = job.event(EventKind.STARTED)
+        await until_confirmed(lambda: self.publish(event))
 
     async def progress(self, job: Job, percent: int) -> None:
         now = time.monotonic()
@@ -72,10 +73,11 @@ class Reporter:
             log.info("progress event dropped", extra=ctx(task_id=job.task_id, error=str(exc)))
 
     async def retrying(self, job: Job, error: TransientError, delay_s: float) -> None:
+        """Announce attempt `job.attempt` (already counted) after `error` ended the last one."""
         job.progress = 0
-        await self._store.update(job.task_id, attempt=job.attempt + 1, progress=0)
+        await self._store.update(job.task_id, attempt=job.attempt, progress=0)
         event = job.error_event(EventKind.RETRYING, error.code, error.message, retriable=True)
-        await self.publish(event.model_copy(update={"attempt": job.attempt + 1}))
+        await until_confirmed(lambda: self.publish(event))
         log.info("retry in %.1fs", delay_s, extra=ctx(task_id=job.task_id))
 
     async def publish(self, event: TaskEvent | BatchCompletedEvent) -> None:
