@@ -22,6 +22,7 @@ from consumer.dispatcher import Dispatcher
 from consumer.events import EventPublisher
 from consumer.fetch import ImageFetcher
 from consumer.intake import Intake
+from consumer.leases import Leases
 from consumer.metrics import InstanceGauge, Metrics
 from consumer.pipeline import Pipeline, PipelineConfig
 from consumer.reporter import Reporter
@@ -153,8 +154,7 @@ class Service:
             catalog=self.catalog,
             metrics=self.metrics,
             delivery_limit=s.amqp_delivery_limit,
-            owner=self.name,
-            lease_ttl_s=s.lease_ttl_s,
+            leases=Leases(store, self.name, s.lease_ttl_s),
         )
         self._intake = Intake(
             broker=broker,

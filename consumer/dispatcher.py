@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
 
     from consumer.jobs import BatchRef
+    from consumer.leases import Leases
     from consumer.metrics import Metrics
     from consumer.pipeline import Pipeline
     from consumer.reporter import Reporter
@@ -57,11 +58,9 @@ class Dispatcher:
         catalog: StyleCatalog,
         metrics: Metrics,
         delivery_limit: int,
-        owner: str,
-        lease_ttl_s: float,
+        leases: Leases,
     ) -> None:
-        self._owner = owner
-        self._lease_ttl_s = lease_ttl_s
+        self._leases = leases
         self._pipeline = pipeline
         self._reporter = reporter
         self._store = store
@@ -146,63 +145,26 @@ class Dispatcher:
 
     async def _run(self, job: Job) -> None:
         try:
-            if not await self._take_lease(job):
+            ended = await self._leases.acquire(job.task_id)
+            if ended is not None:  # another replica finished it while we waited
+                await self._answer_from_store(job, ended)
                 return
-            try:
-                event = await self._leased_outcome(job)
+            async with self._leases.held(job.task_id):
+                await self._recall_previous_prompt(job)
+                event = await self._outcome(job)
                 if event is not None:
                     await asyncio.shield(self._guarded_finish(job, event))
-            finally:
-                await asyncio.shield(self._release_lease(job))
         finally:
             self._running.pop(job.task_id, None)
             self._metrics.tasks_in_flight.set(len(self._running))
             if not self._running:
                 self._idle.set()
 
-    async def _take_lease(self, job: Job) -> bool:
-        """Hold the task's lease before running it; while a live replica holds it, wait.
-
-        False when the task ended meanwhile (its terminal event was then re-published and
-        this delivery acked). A lease whose replica died expires after LEASE_TTL_S.
-        """
-        while not await self._store.acquire_lease(job.task_id, self._owner, self._lease_ttl_s):
-            record = await self._store.get(job.task_id)
-            if record is not None and record.status.is_terminal:
-                await self._answer_from_store(job, record)
-                return False
-            log.info("task leased by another replica; waiting", extra=ctx(task_id=job.task_id))
-            await asyncio.sleep(self._lease_ttl_s / 3)  # a lease held elsewhere has no push
+    async def _recall_previous_prompt(self, job: Job) -> None:
+        """A task run before (by a replica that died) may have left a prompt to adopt."""
         record = await self._store.get(job.task_id)
         if record is not None and record.prompt_id and record.instance:
             job.previous_prompt = (record.instance, record.prompt_id)
-        return True
-
-    async def _leased_outcome(self, job: Job) -> TaskEvent | None:
-        async with asyncio.TaskGroup() as group:
-            keeper = group.create_task(self._keep_lease(job))
-            try:
-                return await self._outcome(job)
-            finally:
-                keeper.cancel()
-
-    async def _keep_lease(self, job: Job) -> None:
-        """Renew the lease while the task runs; a store hiccup must not touch the task."""
-        while True:
-            await asyncio.sleep(self._lease_ttl_s / 3)
-            try:
-                renewed = await self._store.renew_lease(job.task_id, self._owner, self._lease_ttl_s)
-            except Exception as exc:
-                log.warning("lease renewal failed: %s", exc, extra=ctx(task_id=job.task_id))
-                continue
-            if not renewed:
-                log.warning("task lease lost", extra=ctx(task_id=job.task_id))
-
-    async def _release_lease(self, job: Job) -> None:
-        try:
-            await self._store.release_lease(job.task_id, self._owner)
-        except Exception as exc:  # it expires by itself
-            log.warning("could not release the lease of %s: %s", job.task_id, exc)
 
     async def _outcome(self, job: Job) -> TaskEvent | None:
         """Run the pipeline; the terminal event, or None when the message must be requeued."""
