@@ -1,0 +1,1 @@
+"""Fault injection against real consumer processes, real RabbitMQ and Redis (issue 5)."""
