@@ -134,6 +134,7 @@ class Service:
             PipelineConfig(
                 max_side=s.image_max_side,
                 max_pixels=s.image_max_pixels,
+                png_level=s.image_png_compress_level,
                 max_attempts=s.max_attempts,
                 retry_backoff_s=s.retry_backoff_s,
                 retry_backoff_max_s=s.retry_backoff_max_s,

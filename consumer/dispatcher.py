@@ -19,7 +19,6 @@ import asyncio
 import logging
 import random
 import uuid
-from datetime import UTC
 from typing import TYPE_CHECKING
 
 from consumer.errors import ConsumerError, InvalidRequest
@@ -108,18 +107,7 @@ class Dispatcher:
         if record is not None and record.status.is_terminal:
             await self._answer_from_store(job, record)
             return
-        self._record_queue_wait(job, message)
         await self._accept(job, record)
-
-    def _record_queue_wait(self, job: Job, message: AbstractIncomingMessage) -> None:
-        published = message.timestamp
-        if published is None:
-            return
-        if published.tzinfo is None:
-            published = published.replace(tzinfo=UTC)
-        wait_s = max(0.0, (utcnow() - published).total_seconds())
-        job.timings_ms["queued"] = round(wait_s * 1000)
-        self._metrics.stage_seconds.labels("queue_wait").observe(wait_s)
 
     async def _accept(self, job: Job, record: TaskRecord | None) -> None:
         if record is None:

@@ -6,6 +6,7 @@ handle here, and every live handle is settled when the job ends.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +54,7 @@ class Job:
     reply_to: str | None = None
     correlation_id: str | None = None
     created_at: datetime = field(default_factory=utcnow)
+    accepted_at: float = field(default_factory=time.monotonic)  # this delivery's acceptance
     attempt: int = 1
     instance: str | None = None
     progress: int = 0

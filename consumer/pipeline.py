@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 UPLOAD_SUBFOLDER = "style-consumer"
-TIMING_KEYS = frozenset({"download", "execute", "upload", "total"})  # as in contracts' Timings
+TIMING_KEYS = frozenset(
+    {"queued", "download", "execute", "upload", "total"}
+)  # as in contracts' Timings
 
 
 class Progress(Protocol):
@@ -47,6 +49,7 @@ class Progress(Protocol):
 class PipelineConfig:
     max_side: int = 1024
     max_pixels: int = 50_000_000
+    png_level: int = 0
     max_attempts: int = 3
     retry_backoff_s: float = 1.0
     retry_backoff_max_s: float = 30.0
@@ -125,7 +128,7 @@ class Pipeline:
             data = await self._fetcher.fetch(job.request.image_url)
         with self._stage(job, "normalise"):
             return await asyncio.to_thread(
-                normalise, data, self._cfg.max_side, self._cfg.max_pixels
+                normalise, data, self._cfg.max_side, self._cfg.max_pixels, self._cfg.png_level
             )
 
     async def _execute_with_retries(
@@ -152,6 +155,7 @@ class Pipeline:
     ) -> list[tuple[OutputImage, bytes]]:
         async with self._pool.slot(job.style.required_node_classes, exclude=exclude) as instance:
             job.instance = instance.name
+            self._record_queued(job)
             with self._stage(job, "execute"):
                 return await self._run_prompt(job, instance, image)
 
@@ -223,6 +227,11 @@ class Pipeline:
             yield
         finally:
             self._record(job, stage, started)
+
+    def _record_queued(self, job: Job) -> None:
+        """Accepted to first start on an instance (the contract's `timings_ms.queued`)."""
+        if "queued" not in job.timings_ms:
+            self._record(job, "queued", job.accepted_at)
 
     def _record(self, job: Job, stage: str, started: float) -> None:
         elapsed_s = time.monotonic() - started

@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     image_max_bytes: int = Field(default=20 * MIB, ge=1024)
     image_max_pixels: int = Field(default=50_000_000, ge=1)
     image_max_side: int = Field(default=1024, ge=64)
+    image_png_compress_level: int = Field(default=0, ge=0, le=9)
     image_connect_timeout_s: float = Field(default=5.0, gt=0)
     image_total_timeout_s: float = Field(default=30.0, gt=0)
     image_max_redirects: int = Field(default=3, ge=0)

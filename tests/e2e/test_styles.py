@@ -35,6 +35,7 @@ async def test_every_style_completes_with_events_in_order(
             assert done["progress"] == 100
             assert isinstance(done["seed"], int)
             assert done["timings_ms"]["total"] >= done["timings_ms"]["execute"] >= 0
+            assert done["timings_ms"]["queued"] >= 0
             assert done["output_image_url"].startswith("http://outputs.test/outputs/")
         first = await events.terminal(ids["clay"])
         path = first["output_image_url"].removeprefix("http://outputs.test")
