@@ -133,20 +133,26 @@ class Dispatcher:
 
     async def _run(self, job: Job) -> None:
         try:
-            ended = await self._leases.acquire(job.task_id)
-            if ended is not None:  # another replica finished it while we waited
-                await self._answer_from_store(job, ended)
-                return
-            async with self._leases.held(job.task_id):
-                await self._recall_previous_prompt(job)
-                event = await self._outcome(job)
-                if event is not None:
-                    await asyncio.shield(self._guarded_finish(job, event))
+            await self._run_leased(job)
+        except Exception:  # bookkeeping failed (store down?): requeue; the delivery limit applies
+            log.exception("task bookkeeping failed; requeued", extra=ctx(task_id=job.task_id))
+            await self._crashed(job)
         finally:
             self._running.pop(job.task_id, None)
             self._metrics.tasks_in_flight.set(len(self._running))
             if not self._running:
                 self._idle.set()
+
+    async def _run_leased(self, job: Job) -> None:
+        ended = await self._leases.acquire(job.task_id)
+        if ended is not None:  # another replica finished it while we waited
+            await self._answer_from_store(job, ended)
+            return
+        async with self._leases.held(job.task_id):
+            await self._recall_previous_prompt(job)
+            event = await self._outcome(job)
+            if event is not None:
+                await asyncio.shield(self._guarded_finish(job, event))
 
     async def _recall_previous_prompt(self, job: Job) -> None:
         """A task run before (by a replica that died) may have left a prompt to adopt."""
@@ -169,26 +175,32 @@ class Dispatcher:
             return job.error_event(EventKind.FAILED, exc.code, exc.message, retriable=exc.retriable)
         except Exception:
             log.exception("task crashed", extra=ctx(task_id=job.task_id, user_id=job.user_id))
-            return await self._crashed(job)
+            await self._crashed(job)
+            return None
         return job.event(
             EventKind.COMPLETED, output_image_url=result.urls[0], output_image_urls=result.urls
         )
 
-    async def _crashed(self, job: Job) -> TaskEvent | None:
-        """A bug: requeue (counted by the queue) unless this was the last allowed delivery."""
-        if _delivery_count(job.handles[-1]) < self._delivery_limit:
-            await _settle(job.handles, requeue=True)
-            return None
-        event = job.error_event(
-            EventKind.FAILED,
-            ErrorCode.INTERNAL_ERROR,
-            "processing crashed on every delivery",
-            retriable=False,
-        )
-        await self._store_terminal(job, event)
-        await self._reporter.terminal(event, job.reply_to, job.correlation_id)
-        await _settle(job.handles, requeue=True)  # the queue dead-letters it: delivery limit
-        return None
+    async def _crashed(self, job: Job) -> None:
+        """A bug or a broken store: requeue, counted by the queue's delivery limit.
+
+        On the last allowed delivery the owner is told first (`failed`, internal_error);
+        the queue then dead-letters the message. Telling is best effort: whatever failed
+        may fail again.
+        """
+        try:
+            if _delivery_count(job.handles[-1]) >= self._delivery_limit:
+                event = job.error_event(
+                    EventKind.FAILED,
+                    ErrorCode.INTERNAL_ERROR,
+                    "processing crashed on every delivery",
+                    retriable=False,
+                )
+                await self._store_terminal(job, event)
+                await self._reporter.terminal(event, job.reply_to, job.correlation_id)
+        except Exception:
+            log.exception("could not record the crash of %s", job.task_id)
+        await _settle(job.handles, requeue=True)
 
     async def _guarded_finish(self, job: Job, event: TaskEvent) -> None:
         task = asyncio.current_task()
@@ -269,6 +281,21 @@ class Dispatcher:
                 timestamp=utcnow(),
             )
         )
+
+    async def record_rejection(self, event: TaskEvent) -> None:
+        """Keep a refused request's `failed` event, so a lookup agrees with what was published."""
+        now = utcnow()
+        record = TaskRecord(
+            task_id=event.task_id,
+            user_id=event.user_id,
+            style_type=event.style_type or "",
+            status=event.status,
+            error=event.error,
+            terminal_event=event.model_dump_json(),
+            created_at=now,
+            updated_at=now,
+        )
+        await self._store.create(record)  # False: the id is taken; its own record stays
 
     async def cancel(self, request: CancelRequest) -> int:
         """Cancel the owner's task or batch wherever it is; returns how many were found."""

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from consumer.errors import ConsumerError, InvalidRequest
+from consumer.errors import BrokerUnavailable, ConsumerError, InvalidRequest
 from consumer.events import until_confirmed
 from consumer.jobs import BatchRef, utcnow
 from consumer.logs import ctx
 from consumer.topology import declare_control_queue, declare_topology
-from contracts import EventKind, TaskStatus
+from contracts import ErrorCode, EventKind, TaskStatus
 from contracts.decode import InvalidMessage, decode_request
 from contracts.ids import BATCH_ID_PATTERN, USER_ID_PATTERN, batch_task_id, is_valid_id
 from contracts.models import (
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from consumer.metrics import Metrics
     from consumer.topology import Topology
     from consumer.workflows import StyleCatalog
-    from contracts import ErrorCode
 
 log = logging.getLogger(__name__)
 JSON_TYPES = {"application/json", "text/json"}
@@ -144,7 +143,7 @@ class Intake:
             await self._dead_letter(message, exc.code, exc.message, _peek_user_id(message.body))
         except Exception:
             log.exception("intake crashed on a message; requeued (the delivery limit applies)")
-            await message.reject(requeue=True)
+            await self._crashed(message)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         request = self._decode(message)
@@ -196,11 +195,25 @@ class Intake:
         await message.ack()
         log.info("batch expanded", extra=ctx(batch_id=batch_id, user_id=batch.user_id, size=size))
 
+    async def _crashed(self, message: AbstractIncomingMessage) -> None:
+        """Requeue (counted); on the last allowed delivery tell the user first, if we can."""
+        count = (message.headers or {}).get("x-delivery-count", 0)
+        user_id = _peek_user_id(message.body)
+        if isinstance(count, int) and count >= self._delivery_limit and user_id is not None:
+            reason = "processing crashed on every delivery; dead-lettered"
+            event = _failed_event(message, user_id, ErrorCode.INTERNAL_ERROR, reason)
+            try:
+                await self._publisher.publish_event(event)
+            except BrokerUnavailable as exc:
+                log.warning("could not announce the crash: %s", exc)
+        await message.reject(requeue=True)
+
     async def _dead_letter(
         self, message: AbstractIncomingMessage, code: ErrorCode, reason: str, user_id: str | None
     ) -> None:
         if user_id is not None:
             event = _failed_event(message, user_id, code, reason)
+            await self._dispatcher.record_rejection(event)
             await until_confirmed(lambda: self._publisher.publish_event(event))
         await until_confirmed(lambda: self._publisher.dead_letter(message, code, reason))
         await message.ack()

@@ -26,12 +26,13 @@ from consumer.workflows import RenderParams
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from consumer.comfy import Instance, InstancePool, OutputImage
+    from consumer.comfy import Instance, InstancePool, OutputImage, PromptRun
     from consumer.jobs import Job
     from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 UPLOAD_SUBFOLDER = "style-consumer"
+REPORTER_STOP_S = 1.0
 TIMING_KEYS = frozenset(
     {"queued", "download", "execute", "upload", "total"}
 )  # as in contracts' Timings
@@ -167,23 +168,40 @@ class Pipeline:
         ref = await client.upload_image(image.png, name, UPLOAD_SUBFOLDER)
         run = await client.submit(job.style.render(self._params(job, ref)))
         job.prompt_id = run.prompt_id
-        await self._notify.started(job)
         try:
-            async with asyncio.timeout(self._cfg.execution_timeout_s):
-                async for percent in run.progress():
-                    await self._notify.progress(job, percent)
-                images = await run.wait()
-                return [(img, await client.view(img)) for img in images]
+            await self._notify.started(job)
         except asyncio.CancelledError:
             await asyncio.shield(run.cancel())
             raise
-        except TimeoutError as exc:
-            await asyncio.shield(run.cancel())
+        images = await self._wait_reporting(job, run, instance.name)
+        return [(img, await client.view(img)) for img in images]
+
+    async def _wait_reporting(self, job: Job, run: PromptRun, instance: str) -> list[OutputImage]:
+        """The prompt's outputs, its progress reported on the side.
+
+        Progress publishing runs in a task of its own: a slow or blocked broker only delays
+        progress events, never the prompt's outcome or its deadline. `run.wait` interrupts
+        the prompt on its deadline and on cancellation.
+        """
+        reporter = asyncio.create_task(self._report_progress(job, run))
+        try:
+            return await run.wait(self._cfg.execution_timeout_s)
+        except TaskTimeout as exc:
             msg = (
-                f"prompt {run.prompt_id} did not finish on {instance.name} within "
+                f"prompt {run.prompt_id} did not finish on {instance} within "
                 f"EXECUTION_TIMEOUT_S={self._cfg.execution_timeout_s:g}s; interrupted"
             )
             raise InstanceStuck(msg) from exc
+        finally:
+            reporter.cancel()
+            await asyncio.wait({reporter}, timeout=REPORTER_STOP_S)
+
+    async def _report_progress(self, job: Job, run: PromptRun) -> None:
+        try:
+            async for percent in run.progress():
+                await self._notify.progress(job, percent)
+        except Exception as exc:  # progress is lossy: never let it affect the task
+            log.warning("progress reporting stopped: %s", exc, extra=ctx(**_fields(job)))
 
     def _params(self, job: Job, image_ref: str) -> RenderParams:
         return RenderParams(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import orjson
 import pytest
 
@@ -40,12 +41,17 @@ async def test_schema_errors_fail_for_the_user_and_are_dead_lettered(
     """Unknown fields and styles get a failed event (user_id is readable) and a dead letter."""
     typo = request(photos.url("photos/photo.jpg"), colour="blue")
     unknown = request(photos.url("photos/photo.jpg"), "vaporwave")
-    async with running_service(settings):
+    async with running_service(settings) as running:
         await publish(channel, topology, "transform", typo)
         await publish(channel, topology, "transform", unknown)
         failed_typo = await events.terminal(typo["task_id"])
         failed_style = await events.terminal(unknown["task_id"])
         dead = await _dead_letters(channel, topology, 2)
+        url = f"{running.sidecar}/api/v1/task/{typo['task_id']}"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            looked_up = await resp.json()
+    assert looked_up["status"] == "failed"
+    assert looked_up["error"]["code"] == "invalid_request"
     assert failed_typo["error"]["code"] == "invalid_request"
     assert "colour" in failed_typo["error"]["message"]
     assert failed_style["error"]["code"] == "unsupported_style"

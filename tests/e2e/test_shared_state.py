@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,3 +115,22 @@ async def test_lookup_and_idempotency_survive_a_restart(
         )
     assert again["event_id"] == first["event_id"]
     assert sum(e.prompts_executed for e in emulators) == executed
+
+
+async def test_a_task_whose_bookkeeping_fails_every_time_is_dead_lettered(
+    redis_settings, redis_store, channel, topology, events, photos
+):
+    """A store error on every delivery requeues (counted) until the delivery limit dead-letters it."""
+    body = request(photos.url("photos/photo.jpg"))
+    await redis_store._redis.hset(f"{redis_store._prefix}lease:{body['task_id']}", "x", "1")
+    async with running_service(redis_settings):
+        await publish(channel, topology, "transform", body)
+        failed = await events.terminal(body["task_id"])
+        dead_queue = await channel.get_queue(topology.dead)
+        async with asyncio.timeout(30), dead_queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                break
+    assert failed["event"] == "failed"
+    assert failed["error"]["code"] == "internal_error"
+    assert message.headers["x-death"][0]["reason"] == "delivery_limit"
