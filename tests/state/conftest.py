@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -11,8 +12,18 @@ from redis.asyncio import Redis
 from consumer.state import TaskStateStore
 from consumer.state.memory import MemoryTaskStore
 from consumer.state.redis import RedisTaskStore
+from tests.state import records
 
 MakeStore = Callable[..., TaskStateStore]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_base_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records are created "now" for each test: the store trims index entries older than its
+    TTL, so a base time taken at import goes stale when the suite runs for minutes."""
+    monkeypatch.setattr(records, "BASE_TIME", datetime.now(UTC))
+
+
 DAY_S = 24 * 3600.0
 
 

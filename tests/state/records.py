@@ -9,7 +9,7 @@ from typing import Any
 
 from consumer.state import TaskRecord
 
-BASE_TIME = datetime.now(UTC)
+BASE_TIME = datetime.now(UTC)  # refreshed for every test by conftest
 POLL_INTERVAL_S = 0.01
 
 
