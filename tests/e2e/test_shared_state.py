@@ -120,7 +120,7 @@ async def test_lookup_and_idempotency_survive_a_restart(
 async def test_a_task_whose_bookkeeping_fails_every_time_is_dead_lettered(
     redis_settings, redis_store, channel, topology, events, photos
 ):
-    """A store error on every delivery requeues (counted) until the delivery limit dead-letters it."""
+    """A store error on every delivery requeues until the delivery limit dead-letters it."""
     body = request(photos.url("photos/photo.jpg"))
     await redis_store._redis.hset(f"{redis_store._prefix}lease:{body['task_id']}", "x", "1")
     async with running_service(redis_settings):
