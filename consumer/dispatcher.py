@@ -37,12 +37,13 @@ if TYPE_CHECKING:
     from consumer.pipeline import Pipeline
     from consumer.reporter import Reporter
     from consumer.state import TaskStateStore
-    from consumer.workflows import StyleCatalog
+    from consumer.workflows import Style, StyleCatalog
     from contracts.models import CancelRequest, TransformRequest
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1
 FINISH_TIMEOUT_S = 30.0
+STORE_RETRY_S = 1.0
 
 
 class Dispatcher:
@@ -67,9 +68,11 @@ class Dispatcher:
         self._metrics = metrics
         self._delivery_limit = delivery_limit
         self._running: dict[str, tuple[Job, asyncio.Task[None]]] = {}
+        self._admitting: dict[str, list[AbstractIncomingMessage]] = {}  # handles, by task_id
         self._finishing: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._ended = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"<Dispatcher running={len(self._running)} finishing={len(self._finishing)}>"
@@ -77,6 +80,17 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         return len(self._running)
+
+    @property
+    def ended_event(self) -> asyncio.Event:
+        """Set when the next task ends (take it before checking)."""
+        return self._ended
+
+    def held_outside(self, consumer_tag: str | None) -> int:
+        """Tasks in hand that were delivered to another consumer than `consumer_tag`."""
+        return sum(
+            1 for job, _ in self._running.values() if job.handles[0].consumer_tag != consumer_tag
+        )
 
     async def submit(
         self,
@@ -86,10 +100,33 @@ class Dispatcher:
     ) -> None:
         """Start (or attach to, or answer from the store) the task this delivery asks for."""
         task_id = request.task_id or message.message_id or uuid.uuid4().hex
-        if (running := self._running.get(task_id)) is not None:
-            running[0].handles.append(message)
+        if (handles := self._handles_of(task_id)) is not None:
+            handles.append(message)  # a copy of a task this replica has in hand
             return
         style = self._catalog.get(request.style_type)
+        handles = self._admitting[task_id] = [message]
+        try:
+            await self._admit(task_id, request, style, batch, handles)
+        except BaseException:
+            await _settle(handles[1:], requeue=True)  # copies that attached meanwhile
+            raise
+        finally:
+            del self._admitting[task_id]
+
+    def _handles_of(self, task_id: str) -> list[AbstractIncomingMessage] | None:
+        if (running := self._running.get(task_id)) is not None:
+            return running[0].handles
+        return self._admitting.get(task_id)
+
+    async def _admit(
+        self,
+        task_id: str,
+        request: TransformRequest,
+        style: Style,
+        batch: BatchRef | None,
+        handles: list[AbstractIncomingMessage],
+    ) -> None:
+        message = handles[0]
         record = await self._store.get(task_id)
         if record is not None and record.user_id != request.user_id:
             raise InvalidRequest(f"task_id {task_id!r} is already used by another user")
@@ -102,7 +139,7 @@ class Dispatcher:
             reply_to=message.reply_to,
             correlation_id=message.correlation_id,
             created_at=record.created_at if record else utcnow(),
-            handles=[message],
+            handles=handles,
         )
         if record is not None and record.status.is_terminal:
             await self._answer_from_store(job, record)
@@ -138,7 +175,12 @@ class Dispatcher:
             log.exception("task bookkeeping failed; requeued", extra=ctx(task_id=job.task_id))
             await self._crashed(job)
         finally:
-            self._running.pop(job.task_id, None)
+            if self._running.get(job.task_id, (None,))[0] is job:
+                del self._running[job.task_id]
+            self._ended.set()
+            self._ended = asyncio.Event()
+            if job.acked:  # copies that attached while it finished: the answer stands
+                await _settle(job.handles[job.acked :], requeue=False)
             self._metrics.tasks_in_flight.set(len(self._running))
             if not self._running:
                 self._idle.set()
@@ -188,6 +230,9 @@ class Dispatcher:
         the queue then dead-letters the message. Telling is best effort: whatever failed
         may fail again.
         """
+        if await self.waited_for_store():
+            await _settle(job.handles, requeue=True)  # an outage, not this task's fault
+            return
         try:
             if _delivery_count(job.handles[-1]) >= self._delivery_limit:
                 event = job.error_event(
@@ -201,6 +246,19 @@ class Dispatcher:
         except Exception:
             log.exception("could not record the crash of %s", job.task_id)
         await _settle(job.handles, requeue=True)
+
+    async def waited_for_store(self) -> bool:
+        """If the task store is down, wait until it answers again; True if it was down.
+
+        A store outage must not burn every prefetched message's delivery limit in a moment.
+        """
+        if await self._store.ping():
+            return False
+        log.warning("task store unreachable; holding deliveries until it answers")
+        while not await self._store.ping():  # noqa: ASYNC110 - polling a remote store
+            await asyncio.sleep(STORE_RETRY_S)  # an outage has no push
+        log.info("task store reachable again")
+        return True
 
     async def _guarded_finish(self, job: Job, event: TaskEvent) -> None:
         task = asyncio.current_task()
@@ -233,6 +291,7 @@ class Dispatcher:
         if job.batch is not None:
             await self._maybe_batch_done(job)
         await _settle(job.handles, requeue=False)
+        job.acked = len(job.handles)
 
     async def _store_terminal(self, job: Job, event: TaskEvent) -> TaskEvent:
         """Record the terminal state; when another ending won the race, publish that one."""

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 JSON_TYPES = {"application/json", "text/json"}
 BATCH_HEADERS = ("x-batch-id", "x-batch-index", "x-batch-size")
+CANCEL_TIMEOUT_S = 5.0
 
 
 class Intake:
@@ -97,9 +98,10 @@ class Intake:
         control = await declare_control_queue(control_channel, self._topology)
         await control.consume(self._on_control)
         while not self._stopped:
-            await self._follow_capacity()
-            if self._desired_prefetch() == self._prefetch:  # no change while we followed
-                await self._pool.capacity_changed()
+            events = [self._pool.capacity_event, self._dispatcher.ended_event]
+            if await self._follow_capacity():
+                events.pop()  # nothing to wait for but a change of capacity
+            await _first_set(events)
 
     async def stop(self) -> None:
         """Stop taking new work (running tasks go on)."""
@@ -109,19 +111,38 @@ class Intake:
     def _desired_prefetch(self) -> int:
         return min(self._pool.healthy_capacity(), self._max_in_flight)
 
-    async def _follow_capacity(self) -> None:
-        desired = self._desired_prefetch()
-        if desired == self._prefetch and (desired == 0) == (self._consumer_tag is None):
-            return
+    async def _follow_capacity(self) -> bool:
+        """Make the consumer's window follow the pool; False while waiting to grow it.
+
+        QoS applies per consumer, so a new window cannot count what older consumers still
+        hold: shrinking subtracts everything in hand, and growing waits until older
+        consumers' deliveries are done (then overshoots by at most the old window, briefly).
+        """
+        desired, tag = self._desired_prefetch(), self._consumer_tag
+        if desired == 0 or self._stopped:
+            if tag is not None and not self._stopped:
+                log.warning("no healthy ComfyUI instance: not consuming")
+            await self._cancel_consumer()
+            self._prefetch = 0
+            return True
+        if tag is not None and desired == self._prefetch:
+            return True
+        growing = tag is not None and desired > self._prefetch
+        if growing and self._dispatcher.held_outside(tag) > 0:
+            return False
+        window = desired if growing else max(1, desired - self._dispatcher.in_flight)
         await self._cancel_consumer()
-        self._prefetch = desired
-        if desired == 0 or self._stopped or self._queue is None or self._channel is None:
-            log.warning("no healthy ComfyUI instance: not consuming")
+        await self._consume(window)
+        return window == desired
+
+    async def _consume(self, window: int) -> None:
+        if self._queue is None or self._channel is None:
             return
-        await self._channel.set_qos(prefetch_count=desired)
+        await self._channel.set_qos(prefetch_count=window)
         self._consumer_tag = await self._queue.consume(self._on_message)
+        self._prefetch = window
         self.consuming.set()
-        log.info("consuming with prefetch %d", desired)
+        log.info("consuming with prefetch %d", window)
 
     async def _cancel_consumer(self) -> None:
         self.consuming.clear()
@@ -129,7 +150,9 @@ class Intake:
             return
         tag, self._consumer_tag = self._consumer_tag, None
         try:
-            await self._queue.cancel(tag)
+            # A robust channel waits for a reconnect before cancelling: do not wait forever.
+            async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                await self._queue.cancel(tag)
         except Exception as exc:  # the channel is gone; the robust one drops the consumer too
             log.debug("consumer cancel failed: %s", exc)
 
@@ -197,6 +220,9 @@ class Intake:
 
     async def _crashed(self, message: AbstractIncomingMessage) -> None:
         """Requeue (counted); on the last allowed delivery tell the user first, if we can."""
+        if await self._dispatcher.waited_for_store():
+            await message.reject(requeue=True)  # an outage, not this message's fault
+            return
         count = (message.headers or {}).get("x-delivery-count", 0)
         user_id = _peek_user_id(message.body)
         if isinstance(count, int) and count >= self._delivery_limit and user_id is not None:
@@ -240,6 +266,16 @@ class _Invalid(InvalidRequest):
     def __init__(self, message: str, user_id: str | None) -> None:
         super().__init__(message)
         self.user_id = user_id
+
+
+async def _first_set(events: list[asyncio.Event]) -> None:
+    """Return when any of `events` is set."""
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _decode_cancel(body: bytes) -> CancelRequest:

@@ -60,6 +60,7 @@ class Job:
     progress: int = 0
     cancel_requested: bool = False
     prompt_id: str | None = None
+    acked: int = 0  # handles acked when the task ended
     previous_prompt: tuple[str, str] | None = None  # (instance, prompt_id) of an earlier run
     timings_ms: dict[str, int] = field(default_factory=dict)
     handles: list[AbstractIncomingMessage] = field(default_factory=list)

@@ -112,6 +112,11 @@ class InstancePool:
         """Return when `healthy_capacity()` changes."""
         await self._capacity_event.wait()
 
+    @property
+    def capacity_event(self) -> asyncio.Event:
+        """Set at the next change of `healthy_capacity()` (take it before checking)."""
+        return self._capacity_event
+
     def stats(self) -> list[InstanceStats]:
         return [i.stats() for i in self.instances]
 

@@ -251,3 +251,47 @@ async def test_cancel_while_queued_in_comfyui(
     assert done["event"] == "cancelled"
     assert queue["queue_pending"] == []
     assert len(queue["queue_running"]) == 1
+
+
+async def test_instance_flaps_do_not_make_a_replica_hoard_messages(
+    make_settings, channel, topology, events, photos, emulators
+):
+    """Prefetch follows capacity without stacking windows: never over 2x the slots in hand."""
+    for emulator in emulators:
+        emulator.faults.hang = True
+    settings = make_settings(comfyui_outage_grace_s=30)
+    bodies = [request(photos.url("photos/photo.jpg")) for _ in range(20)]
+    async with running_service(settings) as running:
+        pool, dispatcher = running.service._pool, running.service._dispatcher
+        for body in bodies:
+            await publish(channel, topology, "transform", body)
+        await events.wait_for(lambda _: sum(x["event"] == "started" for x in events.events) >= 4)
+        for _ in range(2):
+            await emulators[0].die()
+            async with asyncio.timeout(WAIT_S):
+                while pool.healthy_capacity() != 2:
+                    await pool.capacity_changed()
+            await emulators[0].restart()
+            async with asyncio.timeout(WAIT_S):
+                while pool.healthy_capacity() != 4:
+                    await pool.capacity_changed()
+            assert dispatcher.in_flight <= 8
+        assert dispatcher.in_flight <= 8
+
+
+async def test_two_copies_of_a_task_arriving_together_run_once(
+    settings, channel, topology, events, photos, emulators
+):
+    """A copy delivered while the first is being admitted attaches to it: one prompt each."""
+    bodies = [request(photos.url("photos/photo.jpg")) for _ in range(6)]
+    async with running_service(settings):
+        before = sum(e.prompts_executed for e in emulators)
+        for body in bodies:
+            await publish(channel, topology, "transform", body)
+            await publish(channel, topology, "transform", body)
+        for body in bodies:
+            await events.terminal(body["task_id"])
+        queue = await channel.declare_queue(topology.transform, passive=True)
+    assert sum(e.prompts_executed for e in emulators) - before == len(bodies)
+    assert all(events.of(body["task_id"]).count("completed") == 1 for body in bodies)
+    assert queue.declaration_result.message_count == 0
