@@ -19,6 +19,7 @@ import asyncio
 import logging
 import random
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from consumer.errors import ConsumerError, InvalidRequest
@@ -26,6 +27,7 @@ from consumer.jobs import Job, utcnow
 from consumer.logs import ctx
 from consumer.state import TaskRecord
 from contracts import ErrorCode, EventKind, TaskStatus
+from contracts.ids import MAX_BATCH_SIZE, batch_task_id
 from contracts.models import BatchCompletedEvent, TaskEvent
 
 if TYPE_CHECKING:
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
     from consumer.reporter import Reporter
     from consumer.state import TaskStateStore
     from consumer.workflows import Style, StyleCatalog
-    from contracts.models import CancelRequest, TransformRequest
+    from contracts.models import BatchTransformRequest, CancelRequest, TransformRequest
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1
@@ -68,7 +70,7 @@ class Dispatcher:
         self._metrics = metrics
         self._delivery_limit = delivery_limit
         self._running: dict[str, tuple[Job, asyncio.Task[None]]] = {}
-        self._admitting: dict[str, list[AbstractIncomingMessage]] = {}  # handles, by task_id
+        self._admitting: dict[str, _Admission] = {}
         self._finishing: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -104,11 +106,11 @@ class Dispatcher:
             handles.append(message)  # a copy of a task this replica has in hand
             return
         style = self._catalog.get(request.style_type)
-        handles = self._admitting[task_id] = [message]
+        admission = self._admitting[task_id] = _Admission(request.user_id, [message])
         try:
-            await self._admit(task_id, request, style, batch, handles)
+            await self._admit(task_id, request, style, batch, admission.handles)
         except BaseException:
-            await _settle(handles[1:], requeue=True)  # copies that attached meanwhile
+            await _settle(admission.handles[1:], requeue=True)  # copies that attached meanwhile
             raise
         finally:
             del self._admitting[task_id]
@@ -116,7 +118,8 @@ class Dispatcher:
     def _handles_of(self, task_id: str) -> list[AbstractIncomingMessage] | None:
         if (running := self._running.get(task_id)) is not None:
             return running[0].handles
-        return self._admitting.get(task_id)
+        admission = self._admitting.get(task_id)
+        return admission.handles if admission else None
 
     async def _admit(
         self,
@@ -153,6 +156,8 @@ class Dispatcher:
         self._start(job)
 
     def _start(self, job: Job) -> None:
+        admission = self._admitting.get(job.task_id)
+        job.cancel_requested = admission is not None and admission.cancelled
         task = asyncio.create_task(self._run(job), name=f"task-{job.task_id}")
         self._running[job.task_id] = (job, task)
         self._idle.clear()
@@ -163,14 +168,17 @@ class Dispatcher:
         if record.terminal_event is not None:  # the same event, event_id included
             event = TaskEvent.model_validate_json(record.terminal_event)
         else:  # cancelled while it waited in the queue
-            event = job.error_event(
-                EventKind.CANCELLED, ErrorCode.CANCELLED, "cancelled by its owner", retriable=False
-            )
+            event = _cancelled(job)
         await self._guarded_finish(job, event)
 
     async def _run(self, job: Job) -> None:
         try:
             await self._run_leased(job)
+        except asyncio.CancelledError:
+            if not job.cancel_requested:
+                raise
+            _uncancel()  # cancelled by its owner before the pipeline ran
+            await asyncio.shield(self._guarded_finish(job, _cancelled(job)))
         except Exception:  # bookkeeping failed (store down?): requeue; the delivery limit applies
             log.exception("task bookkeeping failed; requeued", extra=ctx(task_id=job.task_id))
             await self._crashed(job)
@@ -191,16 +199,17 @@ class Dispatcher:
             await self._answer_from_store(job, ended)
             return
         async with self._leases.held(job.task_id):
-            await self._recall_previous_prompt(job)
+            record = await self._store.get(job.task_id)
+            if record is not None and record.status.is_terminal:  # e.g. cancelled meanwhile
+                await self._answer_from_store(job, record)
+                return
+            if job.cancel_requested:
+                await self._guarded_finish(job, _cancelled(job))
+                return
+            _recall_previous_prompt(job, record)
             event = await self._outcome(job)
             if event is not None:
                 await asyncio.shield(self._guarded_finish(job, event))
-
-    async def _recall_previous_prompt(self, job: Job) -> None:
-        """A task run before (by a replica that died) may have left a prompt to adopt."""
-        record = await self._store.get(job.task_id)
-        if record is not None and record.prompt_id and record.instance:
-            job.previous_prompt = (record.instance, record.prompt_id)
 
     async def _outcome(self, job: Job) -> TaskEvent | None:
         """Run the pipeline; the terminal event, or None when the message must be requeued."""
@@ -210,9 +219,7 @@ class Dispatcher:
             if not job.cancel_requested:
                 raise
             _uncancel()
-            return job.error_event(
-                EventKind.CANCELLED, ErrorCode.CANCELLED, "cancelled by its owner", retriable=False
-            )
+            return _cancelled(job)
         except ConsumerError as exc:
             return job.error_event(EventKind.FAILED, exc.code, exc.message, retriable=exc.retriable)
         except Exception:
@@ -312,6 +319,8 @@ class Dispatcher:
         stored = await self._store.get(job.task_id)
         if stored is not None and stored.terminal_event is not None:
             return TaskEvent.model_validate_json(stored.terminal_event)  # another ending won
+        if stored is not None and stored.status is TaskStatus.CANCELLED:
+            return _cancelled(job)  # its owner cancelled it while it was pending
         refused_detail = stored is not None and not stored.status.is_terminal
         # Refused for a detail (e.g. a stale progress figure): the ending still counts.
         if refused_detail and await self._store.update(job.task_id, **changes) is None:
@@ -364,28 +373,67 @@ class Dispatcher:
                 job.cancel_requested = True
                 task.cancel()
                 found += 1
-        if request.task_id and request.task_id not in self._running:
-            found += await self._tombstone(request.task_id, request.user_id)
+        for task_id in await self._cancel_targets(request):
+            if task_id in self._running:
+                continue
+            if (admission := self._admitting.get(task_id)) is not None:
+                if admission.user_id == request.user_id:
+                    admission.cancelled = True
+                    found += 1
+                continue
+            found += await self._tombstone(task_id, request.user_id)
         return found
 
+    async def _cancel_targets(self, request: CancelRequest) -> list[str]:
+        if request.task_id is not None:
+            return [request.task_id]
+        batch_id = request.batch_id or ""
+        ids = []
+        for index in range(MAX_BATCH_SIZE):  # a batch's tasks are recorded when it is expanded
+            task_id = batch_task_id(batch_id, index)
+            if await self._store.get(task_id) is None:
+                break
+            ids.append(task_id)
+        return ids
+
     async def _tombstone(self, task_id: str, user_id: str) -> int:
-        """Mark a task that waits in the queue (or is not yet seen) as cancelled."""
+        """Mark a task that waits in the queue (or is not yet seen) as cancelled.
+
+        Only a pending task: one being processed is cancelled by the replica running it,
+        which gets the same cancel.
+        """
         record = await self._store.get(task_id)
         if record is None:
-            created = await self._store.create(
-                TaskRecord(
-                    task_id=task_id,
-                    user_id=user_id,
-                    style_type="",
-                    status=TaskStatus.CANCELLED,
-                    created_at=utcnow(),
-                    updated_at=utcnow(),
-                )
+            now = utcnow()
+            tombstone = TaskRecord(
+                task_id=task_id,
+                user_id=user_id,
+                style_type="",
+                status=TaskStatus.CANCELLED,
+                created_at=now,
+                updated_at=now,
             )
-            return int(created)
-        if record.user_id != user_id or record.status.is_terminal:
+            return int(await self._store.create(tombstone))
+        if record.user_id != user_id or record.status is not TaskStatus.PENDING:
             return 0
         return int(await self._store.update(task_id, status=TaskStatus.CANCELLED) is not None)
+
+    async def register_batch(self, batch_id: str, batch: BatchTransformRequest) -> None:
+        """Record a batch's tasks as pending when it is expanded, so a cancel can find them."""
+        now = utcnow()
+        for index in range(len(batch.image_urls)):
+            record = TaskRecord(
+                task_id=batch_task_id(batch_id, index),
+                user_id=batch.user_id,
+                style_type=batch.style_type,
+                status=TaskStatus.PENDING,
+                batch_id=batch_id,
+                batch_index=index,
+                metadata=batch.metadata,
+                created_at=now,
+                updated_at=now,
+            )
+            await self._store.create(record)  # False on a re-expansion: it is there already
 
     async def drain(self, grace_s: float) -> None:
         """Let running tasks finish for up to `grace_s`, then interrupt the rest (unacked)."""
@@ -400,6 +448,27 @@ class Dispatcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._finishing:
             await asyncio.wait(self._finishing, timeout=FINISH_TIMEOUT_S)
+
+
+@dataclass
+class _Admission:
+    """A delivery being admitted: copies that arrive meanwhile attach to it."""
+
+    user_id: str
+    handles: list[AbstractIncomingMessage]
+    cancelled: bool = False
+
+
+def _cancelled(job: Job) -> TaskEvent:
+    return job.error_event(
+        EventKind.CANCELLED, ErrorCode.CANCELLED, "cancelled by its owner", retriable=False
+    )
+
+
+def _recall_previous_prompt(job: Job, record: TaskRecord | None) -> None:
+    """A task run before (by a replica that died) may have left a prompt to adopt."""
+    if record is not None and record.prompt_id and record.instance:
+        job.previous_prompt = (record.instance, record.prompt_id)
 
 
 def _matches(job: Job, request: CancelRequest) -> bool:

@@ -198,6 +198,7 @@ class Intake:
         if not is_valid_id(batch_id, BATCH_ID_PATTERN):
             raise InvalidRequest(f"message_id {batch_id!r} cannot be a batch_id; set batch_id")
         size = len(batch.image_urls)
+        await self._dispatcher.register_batch(batch_id, batch)
         for index, url in enumerate(batch.image_urls):
             request = TransformRequest(
                 task_id=batch_task_id(batch_id, index),

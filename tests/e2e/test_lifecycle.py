@@ -295,3 +295,26 @@ async def test_two_copies_of_a_task_arriving_together_run_once(
     assert sum(e.prompts_executed for e in emulators) - before == len(bodies)
     assert all(events.of(body["task_id"]).count("completed") == 1 for body in bodies)
     assert queue.declaration_result.message_count == 0
+
+
+async def test_cancel_a_batch_reaches_running_and_queued_tasks(
+    make_settings, channel, topology, events, photos, emulators
+):
+    """Cancelling a batch ends every task of it, those still in the queue included."""
+    for emulator in emulators:
+        emulator.faults.hang = True
+    settings = make_settings(max_concurrent_tasks=1)
+    body = {
+        "batch_id": "b-cancel",
+        "user_id": "user_1",
+        "image_urls": [photos.url("photos/photo.jpg")] * 3,
+        "style_type": "clay",
+    }
+    async with running_service(settings):
+        await publish(channel, topology, "transform.batch", body)
+        await events.wait_for(lambda e: e["event"] == "started")
+        await publish(channel, topology, "cancel", {"user_id": "user_1", "batch_id": "b-cancel"})
+        done = await events.wait_for(lambda e: e["event"] == "batch.completed")
+        ends = [await events.terminal(f"b-cancel-{i}") for i in range(3)]
+    assert [end["event"] for end in ends] == ["cancelled"] * 3
+    assert (done["completed"], done["failed"], done["cancelled"]) == (0, 0, 3)
