@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -55,7 +56,8 @@ class Service:
         name: str | None = None,
     ) -> None:
         self.settings = settings
-        self.name = name or f"style-consumer-{socket.gethostname()}-{os.getpid()}"
+        suffix = uuid.uuid4().hex[:6]  # containers all run as pid 1: the name must still be unique
+        self.name = name or f"style-consumer-{socket.gethostname()}-{os.getpid()}-{suffix}"
         self.metrics = Metrics(registry)
         self.topology = Topology(settings.amqp_prefix)
         self.catalog = StyleCatalog.load(settings.workflows_dir)

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1
-FINISH_TIMEOUT_S = 30.0
+INTERRUPT_TIMEOUT_S = 30.0  # for interrupting prompts and finishing terminal writes
 STORE_RETRY_S = 1.0
 
 
@@ -337,7 +337,8 @@ class Dispatcher:
         statuses = [r.status for r in records if r is not None]
         await self._reporter.publish(
             BatchCompletedEvent(
-                event_id=uuid.uuid4().hex,
+                # Every replica that sees the batch end announces it: one id to dedupe on.
+                event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"batch.completed/{batch.batch_id}").hex,
                 batch_id=batch.batch_id,
                 user_id=job.user_id,
                 style_type=job.style.name,
@@ -442,12 +443,19 @@ class Dispatcher:
                 await self._idle.wait()
         except TimeoutError:
             log.warning("grace period over, interrupting %d task(s)", len(self._running))
-        tasks = [task for _, task in self._running.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._finishing:
-            await asyncio.wait(self._finishing, timeout=FINISH_TIMEOUT_S)
+        try:
+            async with asyncio.timeout(INTERRUPT_TIMEOUT_S):
+                await self._interrupt_all()
+        except TimeoutError:
+            log.warning("%d task(s) did not stop in time", len(self._running))
+
+    async def _interrupt_all(self) -> None:
+        """Cancel every task (each interrupts its prompt), including any started meanwhile."""
+        while self._running or self._finishing:
+            tasks = {task for _, task in self._running.values()} | self._finishing
+            for _, task in self._running.values():
+                task.cancel()
+            await asyncio.wait(tasks)
 
 
 @dataclass

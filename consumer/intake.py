@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 JSON_TYPES = {"application/json", "text/json"}
 BATCH_HEADERS = ("x-batch-id", "x-batch-index", "x-batch-size")
 CANCEL_TIMEOUT_S = 5.0
+FOLLOW_RETRY_S = 1.0
 
 
 class Intake:
@@ -99,8 +100,13 @@ class Intake:
         await control.consume(self._on_control)
         while not self._stopped:
             events = [self._pool.capacity_event, self._dispatcher.ended_event]
-            if await self._follow_capacity():
-                events.pop()  # nothing to wait for but a change of capacity
+            try:
+                if await self._follow_capacity():
+                    events.pop()  # nothing to wait for but a change of capacity
+            except Exception:  # the channel is reconnecting or gone: try again shortly
+                log.exception("could not adjust the consumer; retrying")
+                await asyncio.sleep(FOLLOW_RETRY_S)
+                continue
             await _first_set(events)
 
     async def stop(self) -> None:

@@ -44,8 +44,11 @@ class ComfyInstanceSettings(BaseModel):
 
     @property
     def label(self) -> str:
-        """A short, stable name for logs and metric labels."""
-        return self.name or (urlsplit(self.url).netloc)
+        """A short, stable name for logs and metric labels (never the URL's credentials)."""
+        parts = urlsplit(self.url)
+        return self.name or (
+            f"{parts.hostname}:{parts.port}" if parts.port else f"{parts.hostname}"
+        )
 
 
 def _split_list(value: object) -> object:

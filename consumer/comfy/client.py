@@ -16,6 +16,7 @@ prompts fail as `InstanceUnavailable` (retriable).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import uuid
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
+import yarl
 
 from consumer.comfy.http import ClientTimeouts, ComfyHttp
 from consumer.comfy.messages import (
@@ -61,7 +63,10 @@ class ComfyClient:
         timeouts: ClientTimeouts | None = None,
         client_id: str | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        # Credentials in the URL go into an Authorization header, never into messages.
+        url = yarl.URL(base_url.rstrip("/"))
+        self._headers = {"Authorization": _basic_auth(url.user, url.password)} if url.user else {}
+        self.base_url = str(url.with_user(None))
         self.client_id = client_id or uuid.uuid4().hex
         self.timeouts = timeouts or ClientTimeouts()
         self._runs: dict[str, PromptRun] = {}
@@ -91,7 +96,9 @@ class ComfyClient:
     # -- lifetime ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._session = aiohttp.ClientSession(timeout=self.timeouts.client_timeout())
+        self._session = aiohttp.ClientSession(
+            timeout=self.timeouts.client_timeout(), headers=self._headers
+        )
         self._api = ComfyHttp(self._session, self.base_url)
         hooks = SocketHooks(self._on_event, self._reconcile, self._on_down)
         ws_url = f"{self.base_url.replace('http', 'ws', 1)}/ws?clientId={self.client_id}"
@@ -310,3 +317,8 @@ class ComfyClient:
         if self._socket is None:
             raise RuntimeError("use ComfyClient as `async with ComfyClient(...) as client`")
         return self._socket
+
+
+def _basic_auth(user: str, password: str | None) -> str:
+    token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+    return f"Basic {token}"
