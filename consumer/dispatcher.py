@@ -22,13 +22,13 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from consumer import records
 from consumer.errors import ConsumerError, InvalidRequest
 from consumer.jobs import Job, utcnow
 from consumer.logs import ctx
 from consumer.state import TaskRecord
 from contracts import ErrorCode, EventKind, TaskStatus
-from contracts.ids import MAX_BATCH_SIZE, batch_task_id
-from contracts.models import BatchCompletedEvent, TaskEvent
+from contracts.models import TaskEvent
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
@@ -151,7 +151,7 @@ class Dispatcher:
 
     async def _accept(self, job: Job, record: TaskRecord | None) -> None:
         if record is None:
-            await self._store.create(_new_record(job))
+            await self._store.create(records.new_record(job))
         await self._reporter.accepted(job)
         self._start(job)
 
@@ -328,43 +328,16 @@ class Dispatcher:
         return event
 
     async def _maybe_batch_done(self, job: Job) -> None:
-        batch = job.batch
-        if batch is None:
-            return
-        records = [await self._store.get(f"{batch.batch_id}-{i}") for i in range(batch.size)]
-        if not all(r is not None and r.status.is_terminal for r in records):
-            return
-        statuses = [r.status for r in records if r is not None]
-        await self._reporter.publish(
-            BatchCompletedEvent(
-                # Every replica that sees the batch end announces it: one id to dedupe on.
-                event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"batch.completed/{batch.batch_id}").hex,
-                batch_id=batch.batch_id,
-                user_id=job.user_id,
-                style_type=job.style.name,
-                task_ids=[f"{batch.batch_id}-{i}" for i in range(batch.size)],
-                completed=statuses.count(TaskStatus.COMPLETED),
-                failed=statuses.count(TaskStatus.FAILED),
-                cancelled=statuses.count(TaskStatus.CANCELLED),
-                metadata=job.request.metadata,
-                timestamp=utcnow(),
-            )
-        )
+        if job.batch is not None:
+            event = await records.batch_completion(self._store, job, job.batch)
+            if event is not None:
+                await self._reporter.publish(event)
 
     async def record_rejection(self, event: TaskEvent) -> None:
-        """Keep a refused request's `failed` event, so a lookup agrees with what was published."""
-        now = utcnow()
-        record = TaskRecord(
-            task_id=event.task_id,
-            user_id=event.user_id,
-            style_type=event.style_type or "",
-            status=event.status,
-            error=event.error,
-            terminal_event=event.model_dump_json(),
-            created_at=now,
-            updated_at=now,
-        )
-        await self._store.create(record)  # False: the id is taken; its own record stays
+        await records.record_rejection(self._store, event)
+
+    async def register_batch(self, batch_id: str, batch: BatchTransformRequest) -> None:
+        await records.register_batch(self._store, batch_id, batch)
 
     async def cancel(self, request: CancelRequest) -> int:
         """Cancel the owner's task or batch wherever it is; returns how many were found."""
@@ -382,59 +355,13 @@ class Dispatcher:
                     admission.cancelled = True
                     found += 1
                 continue
-            found += await self._tombstone(task_id, request.user_id)
+            found += await records.tombstone(self._store, task_id, request.user_id)
         return found
 
     async def _cancel_targets(self, request: CancelRequest) -> list[str]:
         if request.task_id is not None:
             return [request.task_id]
-        batch_id = request.batch_id or ""
-        ids = []
-        for index in range(MAX_BATCH_SIZE):  # a batch's tasks are recorded when it is expanded
-            task_id = batch_task_id(batch_id, index)
-            if await self._store.get(task_id) is None:
-                break
-            ids.append(task_id)
-        return ids
-
-    async def _tombstone(self, task_id: str, user_id: str) -> int:
-        """Mark a task that waits in the queue (or is not yet seen) as cancelled.
-
-        Only a pending task: one being processed is cancelled by the replica running it,
-        which gets the same cancel.
-        """
-        record = await self._store.get(task_id)
-        if record is None:
-            now = utcnow()
-            tombstone = TaskRecord(
-                task_id=task_id,
-                user_id=user_id,
-                style_type="",
-                status=TaskStatus.CANCELLED,
-                created_at=now,
-                updated_at=now,
-            )
-            return int(await self._store.create(tombstone))
-        if record.user_id != user_id or record.status is not TaskStatus.PENDING:
-            return 0
-        return int(await self._store.update(task_id, status=TaskStatus.CANCELLED) is not None)
-
-    async def register_batch(self, batch_id: str, batch: BatchTransformRequest) -> None:
-        """Record a batch's tasks as pending when it is expanded, so a cancel can find them."""
-        now = utcnow()
-        for index in range(len(batch.image_urls)):
-            record = TaskRecord(
-                task_id=batch_task_id(batch_id, index),
-                user_id=batch.user_id,
-                style_type=batch.style_type,
-                status=TaskStatus.PENDING,
-                batch_id=batch_id,
-                batch_index=index,
-                metadata=batch.metadata,
-                created_at=now,
-                updated_at=now,
-            )
-            await self._store.create(record)  # False on a re-expansion: it is there already
+        return await records.batch_task_ids(self._store, request.batch_id or "")
 
     async def drain(self, grace_s: float) -> None:
         """Let running tasks finish for up to `grace_s`, then interrupt the rest (unacked)."""
@@ -491,21 +418,6 @@ def _seed(request: TransformRequest, record: TaskRecord | None) -> int:
     if record is not None and record.seed is not None:
         return record.seed
     return random.randint(0, MAX_SEED)
-
-
-def _new_record(job: Job) -> TaskRecord:
-    return TaskRecord(
-        task_id=job.task_id,
-        user_id=job.user_id,
-        style_type=job.style.name,
-        status=TaskStatus.PENDING,
-        seed=job.seed,
-        batch_id=job.batch.batch_id if job.batch else None,
-        batch_index=job.batch.index if job.batch else None,
-        metadata=job.request.metadata,
-        created_at=job.created_at,
-        updated_at=utcnow(),
-    )
 
 
 def _delivery_count(message: AbstractIncomingMessage) -> int:
