@@ -286,11 +286,7 @@ class Dispatcher:
             "task %s",
             event.status.value,
             extra=ctx(
-                task_id=job.task_id,
-                user_id=job.user_id,
-                style_type=job.style.name,
-                instance=job.instance,
-                attempt=job.attempt,
+                **job.log_fields(),
                 error=event.error.code if event.error else None,
                 timings_ms=job.timings_ms or None,
             ),

@@ -81,6 +81,16 @@ class Job:
     def strength(self) -> float:
         return self.request.strength if self.request.strength is not None else self.style.strength
 
+    def log_fields(self) -> dict[str, Any]:
+        """The context every log line about this task carries."""
+        return {
+            "task_id": self.task_id,
+            "user_id": self.user_id,
+            "style_type": self.style.name,
+            "instance": self.instance,
+            "attempt": self.attempt,
+        }
+
     def event(self, kind: EventKind, **fields: Any) -> TaskEvent:
         """A TaskEvent for this job, with everything known so far."""
         now = utcnow()

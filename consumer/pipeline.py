@@ -118,10 +118,10 @@ class Pipeline:
                     return None
                 files = [(img, await instance.client.view(img)) for img in images]
         except InstanceUnavailable as exc:
-            log.info("could not adopt prompt %s: %s", prompt_id, exc, extra=ctx(**_fields(job)))
+            log.info("could not adopt prompt %s: %s", prompt_id, exc, extra=ctx(**job.log_fields()))
             return None
         job.instance, job.prompt_id = name, prompt_id
-        log.info("adopted prompt %s from an earlier run", prompt_id, extra=ctx(**_fields(job)))
+        log.info("adopted prompt %s from an earlier run", prompt_id, extra=ctx(**job.log_fields()))
         return files
 
     async def _prepare(self, job: Job) -> NormalisedImage:
@@ -145,7 +145,9 @@ class Pipeline:
                 if job.instance:
                     failed_on.add(job.instance)
                 delay_s = self._backoff_s(job.attempt)
-                log.warning("attempt failed, retrying", extra=ctx(**_fields(job), error=str(exc)))
+                log.warning(
+                    "attempt failed, retrying", extra=ctx(**job.log_fields(), error=str(exc))
+                )
                 self._metrics.retries.inc()
                 job.attempt += 1
                 await self._notify.retrying(job, exc, delay_s)
@@ -201,7 +203,7 @@ class Pipeline:
             async for percent in run.progress():
                 await self._notify.progress(job, percent)
         except Exception as exc:  # progress is lossy: never let it affect the task
-            log.warning("progress reporting stopped: %s", exc, extra=ctx(**_fields(job)))
+            log.warning("progress reporting stopped: %s", exc, extra=ctx(**job.log_fields()))
 
     def _params(self, job: Job, image_ref: str) -> RenderParams:
         return RenderParams(
@@ -260,13 +262,3 @@ class Pipeline:
 
 def _content_type(filename: str) -> str:
     return mimetypes.guess_type(filename)[0] or "application/octet-stream"
-
-
-def _fields(job: Job) -> dict[str, object]:
-    return {
-        "task_id": job.task_id,
-        "user_id": job.user_id,
-        "style_type": job.style.name,
-        "instance": job.instance,
-        "attempt": job.attempt,
-    }
