@@ -24,6 +24,7 @@ from consumer.events import EventPublisher
 from consumer.fetch import ImageFetcher
 from consumer.intake import Intake
 from consumer.leases import Leases
+from consumer.logs import ctx
 from consumer.metrics import InstanceGauge, Metrics
 from consumer.pipeline import Pipeline, PipelineConfig
 from consumer.reporter import Reporter
@@ -175,7 +176,7 @@ class Service:
     async def _mark_ready(self) -> None:
         await self._require(self._intake).consuming.wait()
         self.ready.set()
-        log.info("ready", extra={"ctx": {"sidecar_port": self.sidecar_port}})
+        log.info("ready", extra=ctx(sidecar_port=self.sidecar_port))
 
     async def _cleanup_outputs(self) -> None:
         max_age_s = self.settings.task_cleanup_hours * 3600

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 
+PRUNE_EVERY = 1024  # records created between two sweeps of the expired ones
+
+
 class MemoryTaskStore:
     """Records and leases in dicts; `clock` (monotonic seconds) decides expiry."""
 
@@ -35,6 +38,8 @@ class MemoryTaskStore:
         if self._live(record.task_id) is not None:
             return False
         self._records[record.task_id] = (record, self._clock() + self._ttl_s)
+        if len(self._records) % PRUNE_EVERY == 0:  # bounded memory without a sweeper task
+            self.prune()
         return True
 
     async def get(self, task_id: str) -> TaskRecord | None:
