@@ -14,7 +14,7 @@ from typing import Self, TypeVar
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from yarl import URL
 
 from consumer.errors import BrokerUnavailable
@@ -126,3 +126,9 @@ def _opened(resource: _T | None) -> _T:
     if resource is None:
         raise RuntimeError("Broker is not open: use `async with Broker(...)`")
     return resource
+
+
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    """How many times a quorum queue delivered `message` before (its x-delivery-count)."""
+    value = (message.headers or {}).get("x-delivery-count", 0)
+    return value if isinstance(value, int) else 0

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from consumer import records
+from consumer.broker import delivery_count
 from consumer.errors import ConsumerError, InvalidRequest
 from consumer.jobs import Job, utcnow
 from consumer.logs import ctx
@@ -241,7 +242,7 @@ class Dispatcher:
             await _settle(job.handles, requeue=True)  # an outage, not this task's fault
             return
         try:
-            if _delivery_count(job.handles[-1]) >= self._delivery_limit:
+            if delivery_count(job.handles[-1]) >= self._delivery_limit:
                 event = job.error_event(
                     EventKind.FAILED,
                     ErrorCode.INTERNAL_ERROR,
@@ -414,11 +415,6 @@ def _seed(request: TransformRequest, record: TaskRecord | None) -> int:
     if record is not None and record.seed is not None:
         return record.seed
     return random.randint(0, MAX_SEED)
-
-
-def _delivery_count(message: AbstractIncomingMessage) -> int:
-    value = (message.headers or {}).get("x-delivery-count", 0)
-    return value if isinstance(value, int) else 0
 
 
 def _uncancel() -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from consumer.broker import delivery_count
 from consumer.errors import BrokerUnavailable, ConsumerError, InvalidRequest
 from consumer.events import until_confirmed
 from consumer.jobs import BatchRef, utcnow
@@ -230,9 +231,8 @@ class Intake:
         if await self._dispatcher.waited_for_store():
             await message.reject(requeue=True)  # an outage, not this message's fault
             return
-        count = (message.headers or {}).get("x-delivery-count", 0)
         user_id = _peek_user_id(message.body)
-        if isinstance(count, int) and count >= self._delivery_limit and user_id is not None:
+        if delivery_count(message) >= self._delivery_limit and user_id is not None:
             reason = "processing crashed on every delivery; dead-lettered"
             event = _failed_event(message, user_id, ErrorCode.INTERNAL_ERROR, reason)
             try:

@@ -15,7 +15,6 @@ from prometheus_client.registry import Collector
 
 PREFIX = "style_consumer"
 STAGE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-STAGES = ("queued", "download", "normalise", "execute", "upload", "total")
 
 
 @dataclass(frozen=True)
