@@ -1,15 +1,24 @@
-"""Download an input image over http(s), behind an SSRF guard and hard limits.
+"""Outbound HTTP to user-supplied URLs, behind an SSRF guard and hard limits.
 
-The guard runs twice for every hop, initial URL and each redirect:
+`GuardedClient` sends every such request (the input image's GET, the result's presigned
+PUT) with `allow_redirects=False` and follows redirects by hand, so the guard runs for
+every hop, initial URL and each redirect:
 
 * on the URL (`UrlGuard.check_url`): scheme, userinfo, and IP-literal hosts;
 * at connect time (`GuardedResolver`): every address a host name resolves to is
   checked, and only allowed ones reach the connector, so a DNS answer that changes
   between the check and the connection (rebinding) cannot slip through.
 
+aiohttp's own redirect handling would skip the first check, and IP literals never reach a
+resolver, so a redirect to `http://127.0.0.1/` would go out unchecked.
+
 URLs with userinfo (`http://user:pass@host/`) are refused: credentials in a task message
 end up in logs and events, and `http://trusted@evil/` is a classic way to mislead a
 reader about the host.
+
+Error messages end up in the `failed` event the sender reads, so they carry the URL (via
+`display_url`), the status code and our own words only: never a response body, a reason
+phrase, or an aiohttp exception's text (which may quote a remote header).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
@@ -26,10 +35,15 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from consumer.errors import ImageDownloadFailed, ImageTooLarge, ImageUrlForbidden
+from consumer.errors import (
+    ImageDownloadFailed,
+    ImageTooLarge,
+    ImageUrlForbidden,
+    PermanentError,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import AsyncIterator, Iterable, Mapping
     from types import TracebackType
 
 MIB = 1024 * 1024
@@ -174,7 +188,7 @@ def guarded_session(resolver: GuardedResolver, connect_timeout_s: float) -> aioh
     """A ClientSession whose connector only connects to addresses `resolver` lets through.
 
     IP literals bypass resolvers in aiohttp, so callers must also `guard.check_url()`
-    every URL (the fetcher does it on each hop). The caller closes `resolver` after the
+    every URL (`GuardedClient` does it on each hop). The caller closes `resolver` after the
     session (aiohttp does not close a resolver it was given).
     """
     connector = aiohttp.TCPConnector(resolver=resolver)
@@ -188,6 +202,86 @@ def guarded_session(resolver: GuardedResolver, connect_timeout_s: float) -> aioh
         auto_decompress=False,  # a gzip bomb stays compressed (and fails as not-an-image)
         headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class GuardedClient:
+    """Requests to user-supplied URLs: redirects followed by hand, every hop guarded.
+
+    `session` must be a `guarded_session` over a `GuardedResolver` of the same `guard`.
+    """
+
+    session: aiohttp.ClientSession
+    guard: UrlGuard
+    max_redirects: int
+
+    @asynccontextmanager
+    async def open(
+        self,
+        method: str,
+        url: URL,
+        *,
+        follow: frozenset[int] = REDIRECT_STATUSES,
+        failure: type[PermanentError] = ImageDownloadFailed,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The first answer whose status is not in `follow`, after at most `max_redirects` hops.
+
+        Each hop re-sends `method`, `data` and `headers` to the Location, once the guard
+        admits it. A refused hop raises ImageUrlForbidden; a failed one, too many
+        redirects or a bad Location raise `failure`.
+        """
+        req = _Request(method, url, follow, failure, data, headers)
+        response = await self._follow(req)
+        async with response:
+            yield response
+
+    async def _follow(self, req: _Request) -> aiohttp.ClientResponse:
+        url, came_from = req.start, None
+        for _ in range(self.max_redirects + 1):
+            response = await self._send(req, url, came_from)
+            if response.status not in req.follow:
+                return response
+            async with response:  # released before the next hop
+                url, came_from = _location(response, req, url), url
+        raise req.failure(
+            f"{req.method} {display_url(req.start)}: more than {self.max_redirects} redirects"
+            f" (the last to {display_url(url)})"
+        )
+
+    async def _send(self, req: _Request, url: URL, came_from: URL | None) -> aiohttp.ClientResponse:
+        try:
+            self.guard.check_url(url)
+            return await self.session.request(
+                req.method, url, data=req.data, headers=req.headers, allow_redirects=False
+            )
+        except ImageUrlForbidden as exc:  # from check_url, or the resolver at connect time
+            if came_from is None:
+                raise
+            raise ImageUrlForbidden(
+                f"{req.method} {display_url(came_from)}: the redirect target was refused:"
+                f" {exc.message}"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise req.failure(failed_message(req.method, url, exc)) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What every hop of one request re-sends, and how its redirects end."""
+
+    method: str
+    start: URL
+    follow: frozenset[int]
+    failure: type[PermanentError]
+    data: bytes | None
+    headers: Mapping[str, str] | None
+
+
+def failed_message(method: str, url: URL, exc: aiohttp.ClientError) -> str:
+    """`exc` as a message: its type only, as its text may quote remote data (a header)."""
+    return f"{method} {display_url(url)} failed: {type(exc).__name__}"
 
 
 class ImageFetcher:
@@ -212,7 +306,7 @@ class ImageFetcher:
         self._total_timeout_s = total_timeout_s
         self._max_redirects = max_redirects
         self._resolver = resolver
-        self._session: aiohttp.ClientSession | None = None
+        self._client: GuardedClient | None = None
         self._stack = AsyncExitStack()
 
     def __repr__(self) -> str:
@@ -222,18 +316,19 @@ class ImageFetcher:
         )
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """The guarded session (e.g. for presigned uploads to user-supplied URLs)."""
-        if self._session is None:
+    def client(self) -> GuardedClient:
+        """The guarded client (also for presigned uploads to user-supplied URLs)."""
+        if self._client is None:
             raise RuntimeError("ImageFetcher used outside `async with`")
-        return self._session
+        return self._client
 
     async def __aenter__(self) -> Self:
         inner = self._resolver if self._resolver is not None else DefaultResolver()
         resolver = GuardedResolver(self.guard, inner)
         self._stack.push_async_callback(resolver.close)
         session = guarded_session(resolver, self._connect_timeout_s)
-        self._session = await self._stack.enter_async_context(session)
+        session = await self._stack.enter_async_context(session)
+        self._client = GuardedClient(session, self.guard, self._max_redirects)
         return self
 
     async def __aexit__(
@@ -242,7 +337,7 @@ class ImageFetcher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._session = None
+        self._client = None
         await self._stack.aclose()
 
     async def fetch(self, url: str) -> bytes:
@@ -250,40 +345,21 @@ class ImageFetcher:
         start = _parse(url)
         try:
             async with asyncio.timeout(self._total_timeout_s):
-                return await self._follow(start)
+                return await self._get(start)
         except TimeoutError as exc:
             raise ImageDownloadFailed(
                 f"GET {display_url(start)} did not finish within {self._total_timeout_s}s"
             ) from exc
 
-    async def _follow(self, start: URL) -> bytes:
-        url = start
-        for _ in range(self._max_redirects + 1):
-            self.guard.check_url(url)
-            try:
-                result = await self._get(url)
-            except aiohttp.ClientError as exc:
-                raise ImageDownloadFailed(
-                    f"GET {display_url(url)} failed: {type(exc).__name__}: {exc}"
-                ) from exc
-            if isinstance(result, bytes):
-                return result
-            url = url.join(result)
-        raise ImageDownloadFailed(
-            f"GET {display_url(start)}: more than {self._max_redirects} redirects"
-            f" (the last to {display_url(url)})"
-        )
-
-    async def _get(self, url: URL) -> bytes | URL:
-        """The body, or the redirect target to follow next."""
-        async with self.session.get(url, allow_redirects=False) as response:
-            if response.status in REDIRECT_STATUSES:
-                return _location(response, url)
+    async def _get(self, start: URL) -> bytes:
+        async with self.client.open("GET", start) as response:
+            url = response.url
             if not 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
-                raise ImageDownloadFailed(
-                    f"GET {display_url(url)} answered HTTP {response.status} {response.reason}"
-                )
-            return await self._read_body(response, url)
+                raise ImageDownloadFailed(f"GET {display_url(url)} answered HTTP {response.status}")
+            try:
+                return await self._read_body(response, url)
+            except aiohttp.ClientError as exc:
+                raise ImageDownloadFailed(failed_message("GET", url, exc)) from exc
 
     async def _read_body(self, response: aiohttp.ClientResponse, url: URL) -> bytes:
         declared = response.content_length
@@ -309,15 +385,13 @@ def _parse(url: str) -> URL:
         raise ImageUrlForbidden(f"not a valid URL: {url[:200]!r} ({exc})") from exc
 
 
-def _location(response: aiohttp.ClientResponse, url: URL) -> URL:
+def _location(response: aiohttp.ClientResponse, req: _Request, url: URL) -> URL:
+    """The next hop's URL, resolved against `url`; the header's text is never echoed."""
     location = response.headers.get("Location")
+    where = f"{req.method} {display_url(url)} answered HTTP {response.status}"
     if not location:
-        raise ImageDownloadFailed(
-            f"GET {display_url(url)} answered HTTP {response.status} without a Location"
-        )
+        raise req.failure(f"{where} without a Location")
     try:
-        return URL(location)
+        return url.join(URL(location))
     except ValueError as exc:
-        raise ImageDownloadFailed(
-            f"GET {display_url(url)} redirected to an invalid URL {location[:200]!r}"
-        ) from exc
+        raise req.failure(f"{where} with an invalid Location") from exc

@@ -221,12 +221,11 @@ class Pipeline:
             if target is not None:
                 image, data = files[0]
                 url = await upload_presigned(
-                    self._fetcher.session,  # the SSRF guard applies to upload URLs too
+                    self._fetcher.client,  # the SSRF guard applies to upload URLs too
                     str(target.upload_url),
                     data,
                     _content_type(image.filename),
                     self._cfg.upload_timeout_s,
-                    guard=self._fetcher.guard,
                 )
                 return [url]
             return [

@@ -22,13 +22,13 @@ import aiohttp
 from yarl import URL
 
 from consumer.errors import ImageUrlForbidden, OutputUploadFailed
-from consumer.fetch import UrlGuard, display_url
+from consumer.fetch import REDIRECT_STATUSES, GuardedClient, display_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 MAX_FILENAME_CHARS = 128
-ERROR_BODY_CHARS = 300
+UPLOAD_REDIRECTS = frozenset({307, 308})  # see _put
 _TOKEN = re.compile(r"[0-9a-f]{32}")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -105,51 +105,59 @@ class LocalOutputStore:
 
 
 async def upload_presigned(
-    session: aiohttp.ClientSession,
-    url: str,
-    data: bytes,
-    content_type: str,
-    timeout_s: float = 60.0,
-    *,
-    guard: UrlGuard | None = None,
+    client: GuardedClient, url: str, data: bytes, content_type: str, timeout_s: float = 60.0
 ) -> str:
     """PUT `data` to a presigned URL; returns the URL without its query (the signature).
 
-    The URL comes from a request, so pass the fetcher's guard and guarded session
-    (`fetcher.guard`, `fetcher.session`) to keep uploads off internal addresses.
+    The URL comes from a request, so the PUT goes through the fetcher's `GuardedClient`:
+    the guard checks it and every redirect hop. `timeout_s` bounds all hops together.
     """
-    target = _upload_url(url, guard)
+    target = _upload_url(url)
     public = display_url(target)
     try:
-        await _put(session, target, data, content_type, timeout_s)
-    except ImageUrlForbidden as exc:  # raised at connect time by a guarded session
-        raise OutputUploadFailed(f"PUT {public} refused: {exc.message}") from exc
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise OutputUploadFailed(f"PUT {public} failed: {type(exc).__name__}: {exc}") from exc
+        async with asyncio.timeout(timeout_s):
+            await _put(client, target, data, content_type)
+    except ImageUrlForbidden as exc:
+        raise OutputUploadFailed(f"upload refused: {exc.message}") from exc
+    except TimeoutError as exc:
+        raise OutputUploadFailed(f"PUT {public} did not finish within {timeout_s:g}s") from exc
     return public
 
 
-def _upload_url(url: str, guard: UrlGuard | None) -> URL:
+def _upload_url(url: str) -> URL:
     try:
-        target = URL(url)
-        if guard is not None:
-            guard.check_url(target)
+        return URL(url)
     except ValueError as exc:
         raise OutputUploadFailed(f"not a valid upload URL: {url[:100]!r}") from exc
-    except ImageUrlForbidden as exc:
-        raise OutputUploadFailed(f"upload URL refused: {exc.message}") from exc
-    return target
 
 
-async def _put(
-    session: aiohttp.ClientSession, url: URL, data: bytes, content_type: str, timeout_s: float
-) -> None:
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    headers = {"Content-Type": content_type}
-    async with session.put(url, data=data, headers=headers, timeout=timeout) as response:
-        if not 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
-            body = await response.content.read(ERROR_BODY_CHARS)
-            raise OutputUploadFailed(
-                f"PUT {display_url(url)} answered HTTP {response.status} {response.reason}:"
-                f" {body.decode('utf-8', 'replace')!r}"
-            )
+async def _put(client: GuardedClient, url: URL, data: bytes, content_type: str) -> None:
+    """PUT, re-sent with the same body on 307/308 (the statuses that keep method and body).
+
+    301/302/303 end the upload as a failure: 303 asks for a GET; on a 302 clients disagree
+    (requests re-sends a PUT as a body-less GET, aiohttp keeps the PUT), so following it
+    is a guess; and S3's 301 (PermanentRedirect, a wrong endpoint) names the endpoint only
+    in its body, which SDKs answer by re-signing, impossible for a presigned URL. The
+    redirect S3 expects a client to follow with the same request is 307 (TemporaryRedirect).
+    """
+    async with client.open(
+        "PUT",
+        url,
+        follow=UPLOAD_REDIRECTS,
+        failure=OutputUploadFailed,
+        data=data,
+        headers={"Content-Type": content_type},
+    ) as response:
+        _check_stored(response)
+
+
+def _check_stored(response: aiohttp.ClientResponse) -> None:
+    """Fail unless the final hop answered 2xx; neither its body nor its reason is echoed."""
+    where = f"PUT {display_url(response.url)}"
+    if response.status in REDIRECT_STATUSES:
+        raise OutputUploadFailed(
+            f"{where}: the upload was redirected with status {response.status},"
+            " which a presigned URL never does"
+        )
+    if not 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
+        raise OutputUploadFailed(f"{where} answered HTTP {response.status}")

@@ -26,7 +26,7 @@ from typing import Any, Self
 import aiohttp
 import yarl
 
-from consumer.comfy.http import ClientTimeouts, ComfyHttp
+from consumer.comfy.http import ClientTimeouts, ComfyHttp, refuse_redirects
 from consumer.comfy.messages import (
     Event,
     Executing,
@@ -97,7 +97,9 @@ class ComfyClient:
 
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(
-            timeout=self.timeouts.client_timeout(), headers=self._headers
+            timeout=self.timeouts.client_timeout(),
+            headers=self._headers,
+            trace_configs=[refuse_redirects()],  # the WebSocket handshake too
         )
         self._api = ComfyHttp(self._session, self.base_url)
         hooks = SocketHooks(self._on_event, self._reconcile, self._on_down)

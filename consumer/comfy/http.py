@@ -3,11 +3,15 @@
 Every request runs under the session's per-phase timeouts (connect, total). A connection
 error, a timeout or a 5xx means "this instance cannot serve now": `InstanceUnavailable`,
 which the caller may retry elsewhere. 4xx answers are returned for the caller to judge.
+
+Redirects are never followed: instances are configured by the operator, and a 3xx from
+one is an unexpected answer like a 4xx, not a pointer to some other host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -16,7 +20,7 @@ import orjson
 from consumer.errors import InstanceUnavailable
 
 _SERVER_ERROR = 500
-_CLIENT_ERROR = 400
+_OK_RANGE = range(200, 300)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +48,8 @@ class Answer:
 
     @property
     def ok(self) -> bool:
-        return self.status < _CLIENT_ERROR
+        """2xx only: a redirect (not followed) is as unexpected as a 4xx."""
+        return self.status in _OK_RANGE
 
     def json(self) -> Any:
         """The body as JSON; an empty or non-JSON body is `None`."""
@@ -65,7 +70,9 @@ class ComfyHttp:
         """Send one request; raise `InstanceUnavailable` on transport failure or 5xx."""
         url = f"{self.base_url}{path}"
         try:
-            async with self._session.request(method, url, **kwargs) as response:
+            async with self._session.request(
+                method, url, allow_redirects=False, **kwargs
+            ) as response:
                 body = await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise InstanceUnavailable(
@@ -87,3 +94,26 @@ class ComfyHttp:
         data = orjson.dumps(body)
         headers = {"Content-Type": "application/json"}
         return await self.request("POST", path, data=data, headers=headers)
+
+
+def refuse_redirects() -> aiohttp.TraceConfig:
+    """A session hook that fails any request aiohttp is about to redirect.
+
+    `ComfyHttp` sends `allow_redirects=False`, but `ws_connect` takes no such option: its
+    handshake would follow a 3xx wherever the Location points. This stops it first.
+    """
+    config = aiohttp.TraceConfig()
+    config.on_request_redirect.append(_refuse_redirect)
+    return config
+
+
+async def _refuse_redirect(
+    _session: aiohttp.ClientSession,
+    _context: SimpleNamespace,
+    params: aiohttp.TraceRequestRedirectParams,
+) -> None:
+    response = params.response
+    response.close()
+    raise aiohttp.TooManyRedirects(
+        response.request_info, (response,), status=response.status, message="not followed"
+    )

@@ -1,8 +1,13 @@
-"""A real loopback HTTP server with scripted misbehaviour, and image factories."""
+"""Real loopback HTTP servers with scripted misbehaviour, and image factories.
+
+`server` (127.0.0.1) and `server_v6` ([::1]) play internal services; `public` listens on
+127.0.0.2, which tests admit through the guard's `allowed_hosts` to play a public host.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import io
 import socket
@@ -15,6 +20,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image
 
 CHUNK = b"x" * 65536
+SECRET = "s3cr3t-internal-token"  # what an internal answer holds; no message may echo it
+PUBLIC_HOST = "127.0.0.2"  # a loopback address tests allowlist to play a public host
 
 
 @dataclass
@@ -30,13 +37,16 @@ class LoopbackServer:
     """An aiohttp app on 127.0.0.1, port 0, recording what it was asked."""
 
     body: bytes
+    host: str = "127.0.0.1"
     port: int = 0
     paths: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
     uploads: list[Upload] = field(default_factory=list)
     accept_encoding: str = ""
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+    def url(self, path: str, host: str | None = None) -> str:
+        name = host or self.host
+        return f"http://{f'[{name}]' if ':' in name else name}:{self.port}{path}"
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._record])
@@ -49,11 +59,16 @@ class LoopbackServer:
         app.router.add_get("/endless", self._endless)
         app.router.add_get("/slow", self._slow)
         app.router.add_put("/upload/{code}", self._upload)
+        app.router.add_put("/stall", self._stall)
+        app.router.add_route("*", "/hop/{code}", self._hop)
+        app.router.add_route("*", "/chain/{code}/{hops}", self._chain)
+        app.router.add_route("*", "/secret/{code}", self._secret)
         return app
 
     @web.middleware
     async def _record(self, request: web.Request, handler):
         self.paths.append(request.path)
+        self.methods.append(request.method)
         return await handler(request)
 
     async def _image(self, _request: web.Request) -> web.Response:
@@ -101,7 +116,33 @@ class LoopbackServer:
     async def _upload(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.uploads.append(Upload(request.path, request.query_string, request.content_type, body))
-        return web.Response(status=int(request.match_info["code"]), text="bucket says no")
+        return web.Response(status=int(request.match_info["code"]), text=f"bucket says {SECRET}")
+
+    async def _stall(self, request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.Event().wait()  # never answer; the client's deadline ends it
+        return web.Response()
+
+    async def _hop(self, request: web.Request) -> web.Response:
+        """Answer `code` with `Location: <to>` (no Location when `to` is absent)."""
+        await request.read()
+        to = request.query.get("to")
+        headers = {} if to is None else {"Location": to}
+        return web.Response(status=int(request.match_info["code"]), headers=headers)
+
+    async def _chain(self, request: web.Request) -> web.Response:
+        """`hops` redirects with status `code`, then on to PUT /upload/200 or GET /image."""
+        await request.read()
+        code, hops = int(request.match_info["code"]), int(request.match_info["hops"])
+        last = "/upload/200" if request.method == "PUT" else "/image"
+        target = last if hops == 0 else f"/chain/{code}/{hops - 1}"
+        return web.Response(status=code, headers={"Location": target})
+
+    async def _secret(self, request: web.Request) -> web.Response:
+        """An error whose body and reason phrase hold SECRET."""
+        await request.read()
+        code = int(request.match_info["code"])
+        return web.Response(status=code, reason=f"Nope {SECRET}", text=f"internal {SECRET}")
 
 
 def png_bytes(size=(40, 30), color=(10, 200, 30)) -> bytes:
@@ -110,17 +151,55 @@ def png_bytes(size=(40, 30), color=(10, 200, 30)) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[LoopbackServer]:
-    """A started loopback server; handlers are cancelled when their client goes away."""
-    state = LoopbackServer(body=png_bytes())
+@contextlib.asynccontextmanager
+async def serving(host: str) -> AsyncIterator[LoopbackServer]:
+    """A started server on `host`; handlers are cancelled when their client goes away."""
+    state = LoopbackServer(body=png_bytes(), host=host)
     runner = web.AppRunner(state.app(), handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.port = runner.addresses[0][1]
-    yield state
-    await runner.cleanup()
+    try:
+        await web.TCPSite(runner, host, 0).start()
+        state.port = runner.addresses[0][1]
+        yield state
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[LoopbackServer]:
+    """A server on 127.0.0.1: an internal service unless a test allowlists it."""
+    async with serving("127.0.0.1") as state:
+        yield state
+
+
+@pytest.fixture
+async def server_v6() -> AsyncIterator[LoopbackServer]:
+    """A server on [::1]: an internal service reached over IPv6."""
+    async with serving("::1") as state:
+        yield state
+
+
+@pytest.fixture
+async def public() -> AsyncIterator[LoopbackServer]:
+    """A server on 127.0.0.2, the "public" host that tests allowlist."""
+    async with serving(PUBLIC_HOST) as state:
+        yield state
+
+
+@pytest.fixture
+async def garbled() -> AsyncIterator[str]:
+    """A raw TCP server whose every answer has a malformed header quoting SECRET."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: 1{SECRET}\r\n\r\n".encode())
+            await writer.drain()
+        writer.close()
+
+    raw = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with raw:
+        yield f"http://127.0.0.1:{raw.sockets[0].getsockname()[1]}"
 
 
 class FakeResolver(AbstractResolver):

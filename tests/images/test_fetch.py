@@ -11,7 +11,7 @@ from yarl import URL
 from consumer.errors import ImageDownloadFailed, ImageTooLarge, ImageUrlForbidden
 from consumer.fetch import GuardedResolver, ImageFetcher, UrlGuard, display_url, why_forbidden
 
-from .conftest import FakeResolver, LoopbackServer
+from .conftest import SECRET, FakeResolver, LoopbackServer
 
 LOOPBACK = {"127.0.0.1"}
 
@@ -36,6 +36,22 @@ async def test_error_status_names_the_status(server: LoopbackServer, status: int
     """A non-2xx answer fails the download and the message names the status."""
     with pytest.raises(ImageDownloadFailed, match=f"HTTP {status}"):
         await fetch(server.url(f"/status/{status}"), allowed_hosts=LOOPBACK)
+
+
+@pytest.mark.parametrize("status", [403, 500])
+async def test_error_answer_is_not_echoed(server: LoopbackServer, status: int):
+    """A 4xx/5xx whose body and reason phrase hold a secret: the message has neither."""
+    with pytest.raises(ImageDownloadFailed) as caught:
+        await fetch(server.url(f"/secret/{status}?sig=x"), allowed_hosts=LOOPBACK)
+    assert caught.value.message == f"GET {server.url(f'/secret/{status}')} answered HTTP {status}"
+
+
+async def test_malformed_answer_names_only_the_exception_type(garbled: str):
+    """aiohttp's text for a malformed header quotes it; the message keeps only the type."""
+    with pytest.raises(ImageDownloadFailed) as caught:
+        await fetch(f"{garbled}/image", allowed_hosts=LOOPBACK)
+    assert caught.value.message == f"GET {garbled}/image failed: ClientResponseError"
+    assert SECRET not in caught.value.message
 
 
 async def test_follows_relative_redirect_chain_up_to_the_limit(server: LoopbackServer):

@@ -7,17 +7,17 @@ import re
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from consumer.errors import OutputUploadFailed
-from consumer.fetch import ImageFetcher, UrlGuard
+from consumer.fetch import ImageFetcher
 from consumer.storage import LocalOutputStore, OutputStore, safe_filename, upload_presigned
 
-from .conftest import LoopbackServer
+from .conftest import SECRET, LoopbackServer
 
 BASE = "https://cdn.example.com/base"
 URL_PATTERN = re.compile(r"https://cdn\.example\.com/base/outputs/([0-9a-f]{32})/(.+)")
+LOOPBACK = {"127.0.0.1"}
 
 
 @pytest.fixture
@@ -132,63 +132,68 @@ async def test_cleanup_of_a_missing_root_is_a_no_op(tmp_path: Path):
     assert await LocalOutputStore(tmp_path / "never", BASE).cleanup(older_than_s=0) == 0
 
 
+async def upload(url: str, data: bytes = b"x", timeout_s: float = 5.0, **options) -> str:
+    """PUT `data` to `url` through a fresh fetcher's guarded client."""
+    async with ImageFetcher(**options) as fetcher:
+        return await upload_presigned(fetcher.client, url, data, "image/png", timeout_s)
+
+
 async def test_presigned_put_sends_body_and_returns_url_without_query(server: LoopbackServer):
     """The PUT carries the bytes and content type; the returned URL drops the signature."""
     url = server.url("/upload/200?X-Amz-Signature=abc&X-Amz-Expires=60")
-    async with aiohttp.ClientSession() as session:
-        public = await upload_presigned(session, url, b"\x89PNG out", "image/png", 5.0)
+    public = await upload(url, b"\x89PNG out", allowed_hosts=LOOPBACK)
     assert public == server.url("/upload/200")
-    [upload] = server.uploads
-    assert (upload.body, upload.content_type) == (b"\x89PNG out", "image/png")
-    assert "X-Amz-Signature=abc" in upload.query
+    [sent] = server.uploads
+    assert (sent.body, sent.content_type) == (b"\x89PNG out", "image/png")
+    assert "X-Amz-Signature=abc" in sent.query
 
 
-async def test_presigned_put_failure_names_the_status(server: LoopbackServer):
-    """A 403 from the bucket fails the upload, naming the status but not the signature."""
-    url = server.url("/upload/403?X-Amz-Signature=secret")
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(OutputUploadFailed, match="HTTP 403") as caught:
-            await upload_presigned(session, url, b"x", "image/png", 5.0)
-    assert "secret" not in caught.value.message
-    assert "bucket says no" in caught.value.message
+@pytest.mark.parametrize("status", [403, 500])
+async def test_presigned_put_failure_names_only_the_status(server: LoopbackServer, status: int):
+    """A 4xx/5xx fails the upload naming the status: no signature, body or reason phrase."""
+    url = server.url(f"/secret/{status}?X-Amz-Signature=signature")
+    with pytest.raises(OutputUploadFailed) as caught:
+        await upload(url, allowed_hosts=LOOPBACK)
+    message = caught.value.message
+    assert message == f"PUT {server.url(f'/secret/{status}')} answered HTTP {status}"
+    assert "signature" not in message
+    assert SECRET not in message
+
+
+async def test_presigned_put_malformed_answer_names_only_the_exception_type(garbled: str):
+    """aiohttp's text for a malformed header quotes it; the message keeps only the type."""
+    with pytest.raises(OutputUploadFailed, match="failed: Client") as caught:
+        await upload(f"{garbled}/u", allowed_hosts=LOOPBACK)
+    assert SECRET not in caught.value.message
 
 
 async def test_presigned_put_connection_failure(unused_port: int):
     """Nobody listening is an upload failure."""
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(OutputUploadFailed, match="failed"):
-            await upload_presigned(
-                session, f"http://127.0.0.1:{unused_port}/u", b"x", "image/png", 5.0
-            )
+    with pytest.raises(OutputUploadFailed, match="failed: ClientConnectorError"):
+        await upload(f"http://127.0.0.1:{unused_port}/u", allowed_hosts=LOOPBACK)
+
+
+async def test_presigned_put_timeout_is_an_upload_failure(server: LoopbackServer):
+    """A bucket that never answers fails the upload at timeout_s."""
+    with pytest.raises(OutputUploadFailed, match=r"did not finish within 0\.3s"):
+        await upload(server.url("/stall"), timeout_s=0.3, allowed_hosts=LOOPBACK)
 
 
 async def test_presigned_put_to_private_literal_is_refused_by_the_guard(server: LoopbackServer):
-    """With a guard, an upload URL on a loopback IP literal is refused before connecting."""
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(OutputUploadFailed, match=r"upload URL refused.*loopback"):
-            await upload_presigned(
-                session, server.url("/upload/200"), b"x", "image/png", 5.0, guard=UrlGuard()
-            )
-    assert server.uploads == []
+    """An upload URL on a loopback IP literal is refused before connecting."""
+    with pytest.raises(OutputUploadFailed, match=r"upload refused.*loopback"):
+        await upload(server.url("/upload/200"))
+    assert server.paths == []
 
 
 async def test_presigned_put_through_guarded_session_checks_dns(server: LoopbackServer):
-    """Through the fetcher's guarded session a name resolving to loopback is refused."""
-    async with ImageFetcher() as fetcher:
-        with pytest.raises(OutputUploadFailed, match=r"refused.*'localhost' resolves to"):
-            await upload_presigned(
-                fetcher.session,
-                server.url("/upload/200", host="localhost"),
-                b"x",
-                "image/png",
-                5.0,
-                guard=fetcher.guard,
-            )
-    assert server.uploads == []
+    """A host name resolving to loopback is refused at connect time."""
+    with pytest.raises(OutputUploadFailed, match=r"refused.*'localhost' resolves to"):
+        await upload(server.url("/upload/200", host="localhost"))
+    assert server.paths == []
 
 
 async def test_presigned_put_rejects_malformed_url():
     """A URL yarl cannot parse is an upload failure, not a crash."""
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(OutputUploadFailed, match="not a valid upload URL"):
-            await upload_presigned(session, "http://h:99999/x", b"x", "image/png", 5.0)
+    with pytest.raises(OutputUploadFailed, match="not a valid upload URL"):
+        await upload("http://h:99999/x")
