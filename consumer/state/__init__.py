@@ -11,6 +11,16 @@ inside their atomic step (a plain method call for memory, WATCH/MULTI for Redis)
 
 Records expire `ttl_s` after they were created (TASK_CLEANUP_HOURS); updates keep the expiry.
 Leases (`acquire_lease` and friends) say which consumer runs a task; they expire on their own.
+
+Two kinds of bookkeeping live beside the records, and expire after `ttl_s` as they do:
+
+- Early cancels (`add_cancel`): a cancel for a task id not seen yet is remembered for the
+  user who sent it, never as a record, so it cannot claim an id another user owns. At most
+  MAX_CANCELS_PER_USER per user; the oldest go first.
+- Batch completion (`end_batch_task`): the set of a batch's ended task ids, counted
+  atomically, plus a claim that lets exactly one caller announce the complete batch. An
+  unconfirmed claim lapses after `claim_ttl_s` (the announcer died), so a later call may
+  announce instead; `confirm_batch_announced` keeps it for good (`ttl_s`).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = [
+    "MAX_CANCELS_PER_USER",
     "MemoryTaskStore",
     "RedisTaskStore",
     "TaskCounts",
@@ -37,6 +48,7 @@ __all__ = [
 ]
 
 IMMUTABLE_FIELDS = frozenset({"task_id", "user_id", "created_at"})
+MAX_CANCELS_PER_USER = 1000  # early cancels remembered per user; the oldest are dropped
 
 
 def utcnow() -> datetime:
@@ -102,6 +114,21 @@ class TaskStateStore(Protocol):
         """Drop the lease if `owner` holds it; another owner's lease is left alone."""
 
     async def lease_owner(self, task_id: str) -> str | None: ...
+
+    async def add_cancel(self, user_id: str, task_id: str) -> None:
+        """Remember that `user_id` cancelled `task_id` before it was seen (creates no record)."""
+
+    async def cancel_requested(self, user_id: str, task_id: str) -> bool:
+        """Whether `user_id` (only that user) cancelled `task_id` and the cancel is unexpired."""
+
+    async def end_batch_task(
+        self, batch_id: str, task_id: str, size: int, claim_ttl_s: float
+    ) -> bool:
+        """Note that `task_id` of the `size`-task batch ended (again is a no-op); True only
+        when every task has ended and this call claims the announcement for `claim_ttl_s`."""
+
+    async def confirm_batch_announced(self, batch_id: str) -> None:
+        """The announcement went out: hold the claim for `ttl_s`, so none follows."""
 
     async def ping(self) -> bool: ...
 

@@ -1,96 +1,304 @@
 """An in-process TaskStateStore, for tests and a single replica.
 
-Every method runs without awaiting, so each is atomic on the event loop. Expired records
-and leases are dropped lazily when touched, and all at once by `prune()`.
+Every method runs without awaiting, so each is atomic on the event loop. Queries cost
+O(their result): status and style counters and a per-user index change with every write.
+
+Expiry needs no sweeper task. Records, early cancels and batches all live `ttl_s` from when
+they were written, so write order is expiry order: each table is an OrderedDict, and every
+call first pops the expired entries off their fronts (amortised O(expired)). Leases have
+their own TTLs; a heap of expiry times finds theirs.
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import itertools
+import math
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from consumer.state import TaskCounts, TaskRecord, apply_changes, utcnow
+from consumer.state import MAX_CANCELS_PER_USER, TaskCounts, TaskRecord, apply_changes, utcnow
 from contracts.enums import TaskStatus
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-_T = TypeVar("_T")
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+MAX_CANCELS = 100_000  # early cancels of all users together; the oldest are dropped
+
+UserKey = tuple[float, int, str]  # created_at timestamp, creation sequence, task id
 
 
-PRUNE_EVERY = 1024  # records created between two sweeps of the expired ones
+@dataclass(slots=True)
+class _Entry:
+    record: TaskRecord
+    expires_at: float
+    user_key: UserKey
+
+
+@dataclass(slots=True)
+class _Batch:
+    expires_at: float
+    ended: set[str] = field(default_factory=set)
+    claimed_until: float = -math.inf
+
+
+def _first_expired(
+    table: OrderedDict[_K, _V], until: Callable[[_V], float], now: float
+) -> _K | None:
+    """The key at the front of `table` when its entry has expired, else None."""
+    if not table:
+        return None
+    key = next(iter(table))
+    return key if until(table[key]) <= now else None
+
+
+def _bump(counter: Counter[str], key: str, delta: int) -> None:
+    """Add `delta` to `counter[key]`, leaving no zero entries behind."""
+    counter[key] += delta
+    if not counter[key]:
+        del counter[key]
+
+
+class _Records:
+    """Records in creation (= expiry) order, with the counters and user index queries read."""
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[str, _Entry] = OrderedDict()
+        self.by_status: Counter[str] = Counter()
+        self.by_style: Counter[str] = Counter()
+        self._by_user: dict[str, list[UserKey]] = {}  # sorted: oldest first
+        self._sequence = itertools.count()
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        entry = self.entries.get(task_id)
+        return None if entry is None else entry.record
+
+    def add(self, record: TaskRecord, expires_at: float) -> None:
+        user_key = (record.created_at.timestamp(), next(self._sequence), record.task_id)
+        self.entries[record.task_id] = _Entry(record, expires_at, user_key)
+        bisect.insort(self._by_user.setdefault(record.user_id, []), user_key)
+        self._count(record, 1)
+
+    def replace(self, new: TaskRecord) -> None:
+        """Put `new` in place of its record (task id, user and created_at are unchanged)."""
+        entry = self.entries[new.task_id]
+        self._count(entry.record, -1)
+        self._count(new, 1)
+        entry.record = new
+
+    def newest(self, user_id: str, limit: int) -> list[TaskRecord]:
+        """The user's newest `limit` records, newest first (ties: the later created first)."""
+        if limit <= 0:
+            return []
+        index = self._by_user.get(user_id, [])
+        return [self.entries[task_id].record for *_, task_id in reversed(index[-limit:])]
+
+    def expire(self, now: float) -> int:
+        dropped = 0
+        while (task_id := _first_expired(self.entries, _until, now)) is not None:
+            self._drop(task_id)
+            dropped += 1
+        return dropped
+
+    def _drop(self, task_id: str) -> None:
+        entry = self.entries.pop(task_id)
+        self._count(entry.record, -1)
+        index = self._by_user[entry.record.user_id]
+        del index[bisect.bisect_left(index, entry.user_key)]
+        if not index:
+            del self._by_user[entry.record.user_id]
+
+    def _count(self, record: TaskRecord, delta: int) -> None:
+        _bump(self.by_status, record.status.value, delta)
+        if record.style_type:
+            _bump(self.by_style, record.style_type, delta)
+
+
+def _until(entry: _Entry | _Batch) -> float:
+    return entry.expires_at
+
+
+class _Leases:
+    """Lease owners; a heap of (expires at, task id) finds the expired ones."""
+
+    def __init__(self) -> None:
+        self.holders: dict[str, tuple[str, float]] = {}  # owner, expires at
+        self._heap: list[tuple[float, str]] = []  # stale entries pop harmlessly
+
+    def holder(self, task_id: str) -> str | None:
+        entry = self.holders.get(task_id)
+        return None if entry is None else entry[0]
+
+    def hold(self, task_id: str, owner: str, until: float) -> None:
+        self.holders[task_id] = (owner, until)
+        heapq.heappush(self._heap, (until, task_id))
+
+    def release(self, task_id: str, owner: str) -> None:
+        if self.holder(task_id) == owner:
+            del self.holders[task_id]
+
+    def expire(self, now: float) -> None:
+        while self._heap and self._heap[0][0] <= now:
+            _, task_id = heapq.heappop(self._heap)
+            entry = self.holders.get(task_id)
+            if entry is not None and entry[1] <= now:  # not renewed since that push
+                del self.holders[task_id]
+
+
+class _Cancels:
+    """Early cancels by (user, task), in write order, bounded per user and in all."""
+
+    def __init__(self, max_total: int) -> None:
+        self._max_total = max_total
+        self._expiry: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._by_user: dict[str, OrderedDict[str, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._expiry
+
+    def add(self, user_id: str, task_id: str, until: float) -> None:
+        if (user_id, task_id) in self._expiry:  # again: it starts a new life at the back
+            self._drop((user_id, task_id))
+        self._expiry[user_id, task_id] = until
+        mine = self._by_user.setdefault(user_id, OrderedDict())
+        mine[task_id] = None
+        if len(mine) > MAX_CANCELS_PER_USER:
+            self._drop((user_id, next(iter(mine))))
+        if len(self._expiry) > self._max_total:
+            self._drop(next(iter(self._expiry)))
+
+    def expire(self, now: float) -> None:
+        while (key := _first_expired(self._expiry, float, now)) is not None:
+            self._drop(key)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        del self._expiry[key]
+        mine = self._by_user[key[0]]
+        del mine[key[1]]
+        if not mine:
+            del self._by_user[key[0]]
 
 
 class MemoryTaskStore:
-    """Records and leases in dicts; `clock` (monotonic seconds) decides expiry."""
+    """Records, leases, early cancels and batches in dicts; `clock` (monotonic s) decides expiry."""
 
-    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_cancels: int = MAX_CANCELS,
+    ) -> None:
         self._ttl_s = ttl_s
         self._clock = clock
-        self._records: dict[str, tuple[TaskRecord, float]] = {}  # record, expires at
-        self._leases: dict[str, tuple[str, float]] = {}  # owner, expires at
+        self._records = _Records()
+        self._leases = _Leases()
+        self._cancels = _Cancels(max_cancels)
+        self._batches: OrderedDict[str, _Batch] = OrderedDict()  # by first ended task
 
     def __repr__(self) -> str:
-        return f"<MemoryTaskStore records={len(self._records)} leases={len(self._leases)}>"
+        return (
+            f"<MemoryTaskStore records={len(self._records.entries)}"
+            f" leases={len(self._leases.holders)} cancels={len(self._cancels)}"
+            f" batches={len(self._batches)}>"
+        )
+
+    # --- records -------------------------------------------------------------------------
 
     async def create(self, record: TaskRecord) -> bool:
-        if self._live(record.task_id) is not None:
+        now = self._now()
+        if self._records.get(record.task_id) is not None:
             return False
-        self._records[record.task_id] = (record, self._clock() + self._ttl_s)
-        if len(self._records) % PRUNE_EVERY == 0:  # bounded memory without a sweeper task
-            self.prune()
+        self._records.add(record, now + self._ttl_s)
         return True
 
     async def get(self, task_id: str) -> TaskRecord | None:
-        return self._live(task_id)
+        self._now()
+        return self._records.get(task_id)
 
     async def update(self, task_id: str, **changes: Any) -> TaskRecord | None:
-        current = self._live(task_id)
+        self._now()
+        current = self._records.get(task_id)
         if current is None:
             return None
         new = apply_changes(current, changes, utcnow())
         if new is not None and new is not current:
-            self._records[task_id] = (new, self._records[task_id][1])
+            self._records.replace(new)
         return new
 
     async def list_for_user(self, user_id: str, limit: int) -> list[TaskRecord]:
-        self.prune()
-        mine = [
-            record for record, _ in reversed(self._records.values()) if record.user_id == user_id
-        ]
-        mine.sort(key=lambda record: record.created_at, reverse=True)  # stable: ties newest first
-        return mine[: max(limit, 0)]
+        self._now()
+        return self._records.newest(user_id, limit)
 
     async def counts(self) -> TaskCounts:
-        self.prune()
-        records = [record for record, _ in self._records.values()]
-        by_status = Counter(record.status.value for record in records)
-        by_style = Counter(record.style_type for record in records if record.style_type)
+        self._now()
+        by_status = self._records.by_status
         return TaskCounts(
             by_status={status.value: by_status[status.value] for status in TaskStatus},
-            by_style=dict(by_style),
+            by_style=dict(self._records.by_style),
         )
 
+    # --- leases --------------------------------------------------------------------------
+
     async def acquire_lease(self, task_id: str, owner: str, ttl_s: float) -> bool:
-        holder = self._lease_holder(task_id)
-        if holder not in {None, owner}:
+        now = self._now()
+        if self._leases.holder(task_id) not in {None, owner}:
             return False
-        self._leases[task_id] = (owner, self._clock() + ttl_s)
+        self._leases.hold(task_id, owner, now + ttl_s)
         return True
 
     async def renew_lease(self, task_id: str, owner: str, ttl_s: float) -> bool:
-        if self._lease_holder(task_id) != owner:
+        now = self._now()
+        if self._leases.holder(task_id) != owner:
             return False
-        self._leases[task_id] = (owner, self._clock() + ttl_s)
+        self._leases.hold(task_id, owner, now + ttl_s)
         return True
 
     async def release_lease(self, task_id: str, owner: str) -> None:
-        if self._lease_holder(task_id) == owner:
-            del self._leases[task_id]
+        self._now()
+        self._leases.release(task_id, owner)
 
     async def lease_owner(self, task_id: str) -> str | None:
-        return self._lease_holder(task_id)
+        self._now()
+        return self._leases.holder(task_id)
+
+    # --- early cancels and batches -------------------------------------------------------
+
+    async def add_cancel(self, user_id: str, task_id: str) -> None:
+        now = self._now()
+        self._cancels.add(user_id, task_id, now + self._ttl_s)
+
+    async def cancel_requested(self, user_id: str, task_id: str) -> bool:
+        self._now()
+        return (user_id, task_id) in self._cancels
+
+    async def end_batch_task(
+        self, batch_id: str, task_id: str, size: int, claim_ttl_s: float
+    ) -> bool:
+        now = self._now()
+        batch = self._batches.setdefault(batch_id, _Batch(now + self._ttl_s))
+        batch.ended.add(task_id)
+        if len(batch.ended) < size or batch.claimed_until > now:
+            return False
+        batch.claimed_until = now + claim_ttl_s
+        return True
+
+    async def confirm_batch_announced(self, batch_id: str) -> None:
+        now = self._now()
+        batch = self._batches.setdefault(batch_id, _Batch(now))
+        batch.expires_at = batch.claimed_until = now + self._ttl_s
+        self._batches.move_to_end(batch_id)  # the latest expiry: write order holds
+
+    # --- lifetime ------------------------------------------------------------------------
 
     async def ping(self) -> bool:
         return True
@@ -99,31 +307,19 @@ class MemoryTaskStore:
         """Nothing to release: the dicts go with the object."""
 
     def prune(self) -> int:
-        """Drop every expired record and lease now; returns how many records went."""
+        """Drop everything expired now (every call does this first); returns how many records."""
+        return self._expire(self._clock())
+
+    def _now(self) -> float:
+        """The clock, read once per call, after the entries expired by then are gone."""
         now = self._clock()
-        _drop_expired(self._leases, now)
-        return _drop_expired(self._records, now)
+        self._expire(now)
+        return now
 
-    def _live(self, task_id: str) -> TaskRecord | None:
-        return _unexpired(self._records, task_id, self._clock())
-
-    def _lease_holder(self, task_id: str) -> str | None:
-        return _unexpired(self._leases, task_id, self._clock())
-
-
-def _unexpired(table: dict[str, tuple[_T, float]], key: str, now: float) -> _T | None:
-    """The value under `key` unless it expired (then it is dropped)."""
-    entry = table.get(key)
-    if entry is None:
-        return None
-    if entry[1] <= now:
-        del table[key]
-        return None
-    return entry[0]
-
-
-def _drop_expired(table: dict[str, tuple[_T, float]], now: float) -> int:
-    expired = [key for key, (_, until) in table.items() if until <= now]
-    for key in expired:
-        del table[key]
-    return len(expired)
+    def _expire(self, now: float) -> int:
+        """Pop what expired by `now` (amortised O(expired)); returns how many records."""
+        self._leases.expire(now)
+        self._cancels.expire(now)
+        while (batch_id := _first_expired(self._batches, _until, now)) is not None:
+            del self._batches[batch_id]
+        return self._records.expire(now)

@@ -7,12 +7,17 @@ Keys, all under `key_prefix`:
     status:<status>     sorted set of task ids per status (counts)
     style:<style>       sorted set of task ids per style (counts); `styles` lists the styles
     lease:<task_id>     the lease owner, with a PX expiry
+    cancels:<user_id>   sorted set of task ids the user cancelled before they were seen,
+                        scored by time; trimmed to MAX_CANCELS_PER_USER and to ttl_s
+    batch:<batch_id>    set of the batch's ended task ids; expires ttl_s after the first
+    batch-claim:<id>    who may announce the batch: SET NX PX claim_ttl_s, then ttl_s once sent
 
 Index entries older than ttl_s are trimmed whenever an index is written or counted, and every
 index key expires when nothing was written to it for ttl_s. Every multi-key write is one Lua
 script: create is SET NX PX plus the indexes; update reads, applies `apply_changes` in Python,
 then compare-and-swaps (reading again when another write came between). Leases are SET NX PX
-plus owner-checked renew/release, also in Lua.
+plus owner-checked renew/release, also in Lua. So are the early cancel (ZADD and both trims)
+and the batch end (SADD, SCARD, then the claim), which is what makes one announcer win.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from consumer.state import TaskCounts, TaskRecord, apply_changes, utcnow
+from consumer.state import MAX_CANCELS_PER_USER, TaskCounts, TaskRecord, apply_changes, utcnow
 from contracts.enums import TaskStatus
 
 MAX_SWAP_TRIES = 50
@@ -112,6 +117,22 @@ end
 return 0
 """
 
+# KEYS cancels; ARGV task_id, now, cutoff, ttl_ms, max per user. Newest kept, expired dropped.
+_ADD_CANCEL = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[5]) - 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+"""
+# KEYS ended set, claim; ARGV task_id, size, claim_ms, ttl_ms. 1: complete and claimed here.
+_END_BATCH_TASK = """
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then return 0 end
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then return 1 end
+return 0
+"""
+
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
@@ -139,6 +160,8 @@ class RedisTaskStore:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._add_cancel = client.register_script(_ADD_CANCEL)
+        self._end_batch_task = client.register_script(_END_BATCH_TASK)
 
     @classmethod
     def from_url(
@@ -203,6 +226,7 @@ class RedisTaskStore:
         return swapped != 0, (new if swapped == 1 else None)
 
     async def list_for_user(self, user_id: str, limit: int) -> list[TaskRecord]:
+        """O(log n + limit): trim the expired (O(those)), ZREVRANGE `limit` ids, one MGET."""
         if limit <= 0:
             return []
         index = self._key("user", user_id)
@@ -239,6 +263,28 @@ class RedisTaskStore:
 
     async def lease_owner(self, task_id: str) -> str | None:
         return _text(await self._redis.get(self._key("lease", task_id)))
+
+    # --- early cancels and batches -------------------------------------------------------
+
+    async def add_cancel(self, user_id: str, task_id: str) -> None:
+        now = time.time()
+        cutoff, ttl_ms = now - self._ttl_s, _ms(self._ttl_s)
+        args: list[str | float] = [task_id, now, cutoff, ttl_ms, MAX_CANCELS_PER_USER]
+        await self._add_cancel(keys=[self._key("cancels", user_id)], args=args)
+
+    async def cancel_requested(self, user_id: str, task_id: str) -> bool:
+        score = await self._redis.zscore(self._key("cancels", user_id), task_id)
+        return score is not None and float(score) > self._cutoff()
+
+    async def end_batch_task(
+        self, batch_id: str, task_id: str, size: int, claim_ttl_s: float
+    ) -> bool:
+        keys = [self._key("batch", batch_id), self._key("batch-claim", batch_id)]
+        args: list[str | int] = [task_id, size, _ms(claim_ttl_s), _ms(self._ttl_s)]
+        return bool(await self._end_batch_task(keys=keys, args=args))
+
+    async def confirm_batch_announced(self, batch_id: str) -> None:
+        await self._redis.set(self._key("batch-claim", batch_id), "1", px=_ms(self._ttl_s))
 
     # --- lifetime ------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
-"""What only the memory store does: expiry on an injected clock, and prune()."""
+"""What only the memory store does: expiry on an injected clock, its indexes, and prune()."""
 
 from __future__ import annotations
 
 from consumer.state.memory import MemoryTaskStore
+from contracts.enums import TaskStatus
 from tests.state.records import make_record
 
 
@@ -49,3 +50,89 @@ async def test_close_is_harmless() -> None:
     store = MemoryTaskStore(ttl_s=60)
     await store.close()
     assert await store.ping()
+
+
+async def test_counts_and_lists_follow_expiry_and_updates() -> None:
+    """Counters and the per-user index drop expired records and follow status/style changes."""
+    clock = FakeClock()
+    store = MemoryTaskStore(ttl_s=60, clock=clock)
+    await store.create(make_record("a1", "alice", order=1))
+    await store.create(make_record("b1", "bob", order=2, style_type="anime"))
+    clock.now_s += 30
+    await store.create(make_record("a2", "alice", order=3))
+    await store.update("a2", status=TaskStatus.PROCESSING, style_type="anime")
+    clock.now_s += 30  # a1 and b1 expire now
+    assert [r.task_id for r in await store.list_for_user("alice", 10)] == ["a2"]
+    assert await store.list_for_user("bob", 10) == []
+    counts = await store.counts()
+    assert counts["by_status"] == {
+        "pending": 0, "processing": 1, "completed": 0, "failed": 0, "cancelled": 0,
+    }  # fmt: skip
+    assert counts["by_style"] == {"anime": 1}
+    assert "records=1" in repr(store)
+
+
+async def test_a_task_id_reused_after_expiry_is_indexed_afresh() -> None:
+    """A record created again under an expired id is listed and counted once."""
+    clock = FakeClock()
+    store = MemoryTaskStore(ttl_s=60, clock=clock)
+    await store.create(make_record("t1", order=1))
+    clock.now_s += 60
+    assert await store.create(make_record("t1", order=2, style_type="anime"))
+    assert [r.style_type for r in await store.list_for_user("u1", 10)] == ["anime"]
+    assert (await store.counts())["by_style"] == {"anime": 1}
+
+
+async def test_early_cancels_have_a_global_bound() -> None:
+    """Past max_cancels in all, the oldest cancel (of any user) is dropped."""
+    store = MemoryTaskStore(ttl_s=60, max_cancels=3)
+    for user in ["u1", "u2", "u3", "u4"]:
+        await store.add_cancel(user, "t1")
+    assert not await store.cancel_requested("u1", "t1")
+    assert await store.cancel_requested("u4", "t1")
+    assert "cancels=3" in repr(store)
+
+
+async def test_a_renewed_cancel_lives_from_its_renewal() -> None:
+    """Cancelling the same task again restarts its ttl_s."""
+    clock = FakeClock()
+    store = MemoryTaskStore(ttl_s=60, clock=clock)
+    await store.add_cancel("u1", "t1")
+    clock.now_s += 40
+    await store.add_cancel("u1", "t1")
+    clock.now_s += 40
+    assert await store.cancel_requested("u1", "t1")
+    clock.now_s += 20
+    assert not await store.cancel_requested("u1", "t1")
+    assert "cancels=0" in repr(store)
+
+
+async def test_batches_expire_ttl_s_after_their_first_end_or_confirmation() -> None:
+    """A batch is forgotten ttl_s after its first end; a confirmation keeps it ttl_s more."""
+    clock = FakeClock()
+    store = MemoryTaskStore(ttl_s=60, clock=clock)
+    assert await store.end_batch_task("b1", "t0", 1, 5)
+    await store.end_batch_task("b2", "t0", 2, 5)
+    clock.now_s += 30
+    await store.confirm_batch_announced("b1")
+    clock.now_s += 30  # b2 expires, b1 was confirmed 30 s ago
+    store.prune()
+    assert "batches=1" in repr(store)
+    assert not await store.end_batch_task("b1", "t0", 1, 5)
+    assert not await store.end_batch_task("b2", "t1", 2, 5)
+    clock.now_s += 30
+    assert await store.end_batch_task("b1", "t0", 1, 5)
+
+
+async def test_renewed_leases_outlive_their_first_expiry() -> None:
+    """A lease renewed before it expired survives its first expiry time; then it goes."""
+    clock = FakeClock()
+    store = MemoryTaskStore(ttl_s=60, clock=clock)
+    await store.acquire_lease("t1", "w", 10)
+    clock.now_s += 5
+    await store.renew_lease("t1", "w", 10)
+    clock.now_s += 6
+    assert await store.lease_owner("t1") == "w"
+    clock.now_s += 4
+    assert await store.lease_owner("t1") is None
+    assert "leases=0" in repr(store)

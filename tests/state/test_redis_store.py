@@ -100,5 +100,29 @@ async def test_works_on_a_client_that_returns_bytes(redis_url: str, prefixes: li
         assert await store.lease_owner("t1") == "worker-a"
         assert (await store.counts())["by_style"] == {"clay": 1}
         assert await store.update("t1", progress=5) is not None
+        await store.add_cancel("u1", "t2")
+        assert await store.cancel_requested("u1", "t2")
+        assert await store.end_batch_task("b1", "b1-0", 1, 5)
+    finally:
+        await store.close()
+
+
+@pytest.mark.connected
+async def test_cancel_and_batch_keys_expire(
+    redis_url: str, raw_redis: Redis, prefixes: list[str]
+) -> None:
+    """Cancel and batch keys carry a TTL: ttl_s at most, the claim claim_ttl_s until confirmed."""
+    key_prefix = _new_prefix(prefixes)
+    store = RedisTaskStore.from_url(redis_url, ttl_s=100, key_prefix=key_prefix)
+    try:
+        await store.add_cancel("u1", "t1")
+        assert await store.end_batch_task("b1", "b1-0", 1, 5)
+        assert 0 < await raw_redis.pttl(f"{key_prefix}batch-claim:b1") <= 5_000
+        await store.confirm_batch_announced("b1")
+        assert 5_000 < await raw_redis.pttl(f"{key_prefix}batch-claim:b1") <= 100_000
+        keys = [key async for key in raw_redis.scan_iter(match=f"{key_prefix}*")]
+        assert len(keys) == 3
+        for key in keys:
+            assert 0 < await raw_redis.pttl(key) <= 100_000, key
     finally:
         await store.close()

@@ -211,6 +211,13 @@ async def test_counts_by_status_and_style(store: TaskStateStore) -> None:
     assert counts["by_style"] == {"clay": 2, "anime": 1}
 
 
+async def test_a_style_change_moves_the_style_count(store: TaskStateStore) -> None:
+    """Counts by style follow an update of style_type; a style left with none disappears."""
+    await store.create(make_record("t1", style_type="clay"))
+    await store.update("t1", style_type="anime")
+    assert (await store.counts())["by_style"] == {"anime": 1}
+
+
 async def test_counts_of_an_empty_store(store: TaskStateStore) -> None:
     """An empty store counts zero for every status and no styles."""
     counts = await store.counts()
