@@ -7,17 +7,27 @@ or `_ms`, sizes in `_bytes`. Nothing below the entrypoint reads `os.environ`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
+SIDECAR_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: any client can send it
 
 
 class StateBackend(StrEnum):
@@ -51,6 +61,16 @@ class ComfyInstanceSettings(BaseModel):
         )
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to `host` is reachable only from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" (every interface)
+        return False
+
+
 def _split_list(value: object) -> object:
     """Accept a JSON list or a comma-separated string for list settings."""
     if not isinstance(value, str):
@@ -79,6 +99,7 @@ class Settings(BaseSettings):
     amqp_publish_timeout_s: float = Field(default=10.0, gt=0)
     amqp_delivery_limit: int = Field(default=5, ge=1)
     max_message_bytes: int = Field(default=1 * MIB, ge=1024)
+    reply_to_pattern: str | None = None  # queues a reply_to may name besides Direct Reply-to
 
     # ComfyUI pool
     comfyui_base_url: str | None = None
@@ -130,9 +151,9 @@ class Settings(BaseSettings):
     redis_key_prefix: str = "style-consumer:"
 
     # Sidecar
-    sidecar_host: str = "0.0.0.0"  # noqa: S104 - the sidecar is meant to be scraped from outside
+    sidecar_host: str = "127.0.0.1"  # anything else needs SIDECAR_TOKEN (see _sidecar_token)
     sidecar_port: int = Field(default=8080, ge=0, le=65535)
-    sidecar_token: SecretStr | None = None
+    sidecar_token: SecretStr | None = Field(default=None, validate_default=True)
 
     @field_validator("comfyui_instances", mode="before")
     @classmethod
@@ -147,6 +168,32 @@ class Settings(BaseSettings):
     def _parse_hosts(cls, value: Any) -> Any:
         items = _split_list(value)
         return [str(h).lower() for h in items] if isinstance(items, list) else items
+
+    @field_validator("reply_to_pattern")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from exc
+        return value or None
+
+    @field_validator("sidecar_token")
+    @classmethod
+    def _sidecar_token(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """An empty token is no token, which only a loopback SIDECAR_HOST may go without."""
+        token = value.get_secret_value() if value is not None else ""
+        if token and not SIDECAR_TOKEN_CHARS.fullmatch(token):
+            raise ValueError("use visible ASCII characters only, no spaces")
+        host = info.data.get("sidecar_host")
+        if not token and isinstance(host, str) and not is_loopback(host):
+            raise ValueError(
+                f"SIDECAR_HOST={host!r} is not a loopback address, so other machines could "
+                "reach the task endpoints: set SIDECAR_TOKEN to a long random secret "
+                "(e.g. `openssl rand -hex 32`), or bind SIDECAR_HOST=127.0.0.1"
+            )
+        return value if token else None
 
     @field_validator("log_level")
     @classmethod

@@ -1,7 +1,9 @@
 """The sidecar HTTP port: health, readiness, stats, task lookup, metrics and stored outputs.
 
-There is no request ingress here: requests arrive through the broker. Task endpoints need
-`Authorization: Bearer <SIDECAR_TOKEN>` when a token is set; health and metrics never do.
+There is no request ingress here: requests arrive through the broker. Task endpoints and
+stats need `Authorization: Bearer <SIDECAR_TOKEN>` when a token is set (settings refuse a
+non-loopback SIDECAR_HOST without one); health, readiness and metrics never do, and outputs
+are public behind unguessable paths.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from contracts.ids import is_valid_id
@@ -65,8 +67,16 @@ def _authorized(request: web.Request) -> bool:
     token = request.app[DEPS].token
     if not token:
         return True
-    header = request.headers.get("Authorization", "")
-    return hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+    scheme, _, credentials = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        _header_bytes(credentials), _header_bytes(token)
+    )
+
+
+def _header_bytes(text: str) -> bytes:
+    """`text` as bytes, whatever it holds: aiohttp decodes header bytes that are not UTF-8
+    to lone surrogates, which a plain encode() refuses (that was a 500)."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _protected(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
@@ -140,7 +150,7 @@ def build_app(deps: SidecarDeps) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/api/v1/stats", stats)
+    app.router.add_get("/api/v1/stats", _protected(stats))
     app.router.add_get("/api/v1/task/{task_id}", _protected(task))
     app.router.add_get("/api/v1/user/{user_id}/tasks", _protected(user_tasks))
     app.router.add_get("/outputs/{path:.+}", output)
