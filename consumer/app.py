@@ -1,9 +1,10 @@
 """The service: owns every resource and long-lived loop, and shuts down in phases.
 
 resources (AsyncExitStack)   store, HTTP session, image fetcher, ComfyUI pool, broker, sidecar
-loops (TaskGroup)            pool health probes, intake, output clean-up
+loops (TaskGroup)            pool health probes, dispatcher (owns the tasks), intake, clean-up
 shutdown (on `stop` Event)   stop intake -> drain tasks up to SHUTDOWN_GRACE_S -> interrupt
-                             the rest (left unacked: redelivered) -> close in reverse order
+                             the rest (their deliveries given back: nack) -> wait for settles
+                             in progress -> close in reverse order
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from consumer.broker import Broker
 from consumer.comfy import InstancePool
 from consumer.dispatcher import Dispatcher
-from consumer.events import EventPublisher
+from consumer.events import EventPublisher, ReplyPolicy
 from consumer.fetch import ImageFetcher
 from consumer.intake import Intake
 from consumer.leases import Leases
@@ -28,6 +29,7 @@ from consumer.logs import ctx
 from consumer.metrics import InstanceGauge, Metrics
 from consumer.pipeline import Pipeline, PipelineConfig
 from consumer.reporter import Reporter
+from consumer.settle import Settler
 from consumer.sidecar import Sidecar, SidecarDeps
 from consumer.state import MemoryTaskStore, RedisTaskStore, TaskStateStore
 from consumer.storage import LocalOutputStore
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 CLEANUP_INTERVAL_S = 600.0
+SETTLE_MIN_DEADLINE_S = 30.0
 
 
 class Service:
@@ -70,6 +73,7 @@ class Service:
         self._intake: Intake | None = None
         self._store: TaskStateStore | None = None
         self._dispatcher: Dispatcher | None = None
+        self._settler: Settler | None = None
 
     def __repr__(self) -> str:
         return f"<Service {self.name!r} {self._dispatcher!r} {self._intake!r}>"
@@ -79,6 +83,8 @@ class Service:
         async with AsyncExitStack() as stack:
             await self._open(stack)
             async with asyncio.TaskGroup() as group:
+                dispatcher = self._require(self._dispatcher)
+                group.create_task(dispatcher.run(), name="dispatcher")
                 loops = [
                     group.create_task(self._require(self._pool).run(), name="pool"),
                     group.create_task(self._require(self._intake).run(), name="intake"),
@@ -88,7 +94,9 @@ class Service:
                 await stop.wait()
                 log.info("stopping: intake first, then draining running tasks")
                 await self._require(self._intake).stop()
-                await self._require(self._dispatcher).drain(self.settings.shutdown_grace_s)
+                await dispatcher.drain(self.settings.shutdown_grace_s)
+                dispatcher.close()
+                await self._require(self._settler).close()
                 for task in loops:
                     task.cancel()
         log.info("stopped")
@@ -133,6 +141,13 @@ class Service:
         )
         publisher = EventPublisher(broker.publish_channel, self.topology, s.amqp_publish_timeout_s)
         reporter = Reporter(publisher, store, self.metrics, s.progress_interval_ms / 1000)
+        self._settler = Settler(
+            store=store,
+            reporter=reporter,
+            publisher=publisher,
+            metrics=self.metrics,
+            deadline_s=max(SETTLE_MIN_DEADLINE_S, 3 * s.amqp_publish_timeout_s),
+        )
         pipeline = Pipeline(
             PipelineConfig(
                 max_side=s.image_max_side,
@@ -154,6 +169,7 @@ class Service:
         self._dispatcher = Dispatcher(
             pipeline=pipeline,
             reporter=reporter,
+            settler=self._settler,
             store=store,
             catalog=self.catalog,
             metrics=self.metrics,
@@ -164,7 +180,10 @@ class Service:
             broker=broker,
             topology=self.topology,
             dispatcher=self._dispatcher,
+            settler=self._settler,
+            store=store,
             publisher=publisher,
+            replies=ReplyPolicy(s.reply_to_pattern),
             pool=pool,
             catalog=self.catalog,
             metrics=self.metrics,

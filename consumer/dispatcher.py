@@ -1,16 +1,17 @@
 """Owns every running task of this replica, keyed by task_id, and decides how each ends.
 
-A task runs in an asyncio task of ours, never in the consumer callback (aio-pika cancels
-callbacks when a channel drops, which would kill a GPU job on every network blip). The
-delivery is only a handle: a redelivered copy attaches to the running task, and every
-handle is settled when the task ends, after its terminal event is confirmed.
+A task runs in an asyncio task of the dispatcher's TaskGroup, never in the consumer callback
+(aio-pika cancels callbacks when a channel drops, which would kill a GPU job on every network
+blip). The group lives inside the service's own, so a failing loop cannot close the broker,
+pool or store under running tasks. The delivery is only a handle: a redelivered copy attaches
+to the running task, and every handle is settled when the task ends.
 
-How a task ends, and what happens to its message (the single ack decision, `_finish`):
-    completed / failed / cancelled   store terminal state -> publish (confirmed) -> ack
-    shutdown or lost channel         nothing: the message stays unacked and is redelivered
-    unexpected exception (a bug)     reject(requeue) so the queue's delivery limit stops
-                                     a message that crashes every time; on the last allowed
-                                     delivery a `failed` event (internal_error) goes out first
+The dispatcher only decides the outcome (`consumer.settle` performs it, in one place):
+    completed / failed / cancelled   Finished: terminal record, event, reply, then ack
+    an ended task delivered again    Finished with the stored terminal event
+    shutdown, or the task store down Returned: nack, not counted on RabbitMQ 4.3
+    unexpected exception (a bug)     Crashed: reject(requeue), counted by the delivery limit;
+                                     on the last allowed delivery a `failed` event goes first
 """
 
 from __future__ import annotations
@@ -27,21 +28,23 @@ from consumer.broker import delivery_count
 from consumer.errors import ConsumerError, InvalidRequest
 from consumer.jobs import Job, utcnow
 from consumer.logs import ctx
-from consumer.state import TaskRecord
-from contracts import ErrorCode, EventKind, TaskStatus
+from consumer.settle import Action, Crashed, Finished, Outcome, Returned, apply
+from contracts import ErrorCode, EventKind
+from contracts.ids import is_valid_id
 from contracts.models import TaskEvent
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
 
-    from consumer.jobs import BatchRef
+    from consumer.jobs import BatchRef, Reply
     from consumer.leases import Leases
     from consumer.metrics import Metrics
     from consumer.pipeline import Pipeline
     from consumer.reporter import Reporter
-    from consumer.state import TaskStateStore
-    from consumer.workflows import Style, StyleCatalog
-    from contracts.models import BatchTransformRequest, CancelRequest, TransformRequest
+    from consumer.settle import Settler
+    from consumer.state import TaskRecord, TaskStateStore
+    from consumer.workflows import StyleCatalog
+    from contracts.models import CancelRequest, TransformRequest
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1
@@ -50,13 +53,14 @@ STORE_RETRY_S = 1.0
 
 
 class Dispatcher:
-    """Starts, tracks, cancels and finishes tasks."""
+    """Starts, tracks, cancels and ends tasks."""
 
     def __init__(
         self,
         *,
         pipeline: Pipeline,
         reporter: Reporter,
+        settler: Settler,
         store: TaskStateStore,
         catalog: StyleCatalog,
         metrics: Metrics,
@@ -66,19 +70,22 @@ class Dispatcher:
         self._leases = leases
         self._pipeline = pipeline
         self._reporter = reporter
+        self._settler = settler
         self._store = store
         self._catalog = catalog
         self._metrics = metrics
         self._delivery_limit = delivery_limit
         self._running: dict[str, tuple[Job, asyncio.Task[None]]] = {}
         self._admitting: dict[str, _Admission] = {}
-        self._finishing: set[asyncio.Task[None]] = set()
+        self._group: asyncio.TaskGroup | None = None
+        self._opened = asyncio.Event()
+        self._closing = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._ended = asyncio.Event()
 
     def __repr__(self) -> str:
-        return f"<Dispatcher running={len(self._running)} finishing={len(self._finishing)}>"
+        return f"<Dispatcher running={len(self._running)} admitting={len(self._admitting)}>"
 
     @property
     def in_flight(self) -> int:
@@ -95,26 +102,50 @@ class Dispatcher:
             1 for job, _ in self._running.values() if job.handles[0].consumer_tag != consumer_tag
         )
 
+    async def run(self) -> None:
+        """Own the tasks' asyncio tasks until `close()`; cancelled, it cancels them (each gives
+        its delivery back) and returns once they have ended."""
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            self._opened.set()
+            await self._closing.wait()
+        self._group = None
+
+    def close(self) -> None:
+        """Take no more tasks; `run()` returns once the running ones have ended."""
+        self._closing.set()
+
     async def submit(
         self,
         message: AbstractIncomingMessage,
         request: TransformRequest,
         batch: BatchRef | None = None,
-    ) -> None:
-        """Start (or attach to, or answer from the store) the task this delivery asks for."""
-        task_id = request.task_id or message.message_id or uuid.uuid4().hex
+        reply: Reply | None = None,
+    ) -> Outcome | None:
+        """Start (or attach to) the task this delivery asks for; None once a task owns it.
+
+        Raises a ConsumerError when the request must be refused.
+        """
+        await self._opened.wait()
+        task_id = _task_id(request, message)
         if (handles := self._handles_of(task_id)) is not None:
             handles.append(message)  # a copy of a task this replica has in hand
-            return
-        style = self._catalog.get(request.style_type)
+            return None
+        if self._closing.is_set():
+            return Returned("shutting down")
+        self._catalog.get(request.style_type)  # an unknown style is refused before anything
         admission = self._admitting[task_id] = _Admission(request.user_id, [message])
         try:
-            await self._admit(task_id, request, style, batch, admission.handles)
+            job = await self._admit(task_id, request, batch, reply, admission)
+            if self._closing.is_set():  # shut down while it was admitted
+                return Returned("shutting down")
         except BaseException:
-            await _settle(admission.handles[1:], requeue=True)  # copies that attached meanwhile
+            await self._settler.settle(admission.handles[1:], Returned("its first copy failed"))
             raise
         finally:
             del self._admitting[task_id]
+        self._start(job)
+        return None
 
     def _handles_of(self, task_id: str) -> list[AbstractIncomingMessage] | None:
         if (running := self._running.get(task_id)) is not None:
@@ -126,134 +157,166 @@ class Dispatcher:
         self,
         task_id: str,
         request: TransformRequest,
-        style: Style,
         batch: BatchRef | None,
-        handles: list[AbstractIncomingMessage],
-    ) -> None:
-        message = handles[0]
+        reply: Reply | None,
+        admission: _Admission,
+    ) -> Job:
         record = await self._store.get(task_id)
         if record is not None and record.user_id != request.user_id:
             raise InvalidRequest(f"task_id {task_id!r} is already used by another user")
         job = Job(
             task_id=task_id,
             request=request,
-            style=style,
+            style=self._catalog.get(request.style_type),
             seed=_seed(request, record),
             batch=batch,
-            reply_to=message.reply_to,
-            correlation_id=message.correlation_id,
+            reply=reply,
             created_at=record.created_at if record else utcnow(),
-            handles=handles,
+            handles=admission.handles,
         )
-        if record is not None and record.status.is_terminal:
-            await self._answer_from_store(job, record)
-            return
-        await self._accept(job, record)
+        if record is None or not record.status.is_terminal:  # else: answered from the store
+            await self._accept(job, record)
+        job.cancel_requested = job.cancel_requested or admission.cancelled
+        return job
 
     async def _accept(self, job: Job, record: TaskRecord | None) -> None:
         if record is None:
             await self._store.create(records.new_record(job))
-        await self._reporter.accepted(job)
-        self._start(job)
+            job.cancel_requested = await self._store.cancel_requested(job.user_id, job.task_id)
+        if not job.cancel_requested:
+            await self._reporter.accepted(job)
 
     def _start(self, job: Job) -> None:
-        admission = self._admitting.get(job.task_id)
-        job.cancel_requested = admission is not None and admission.cancelled
-        task = asyncio.create_task(self._run(job), name=f"task-{job.task_id}")
+        if self._group is None:
+            raise RuntimeError("the dispatcher is not running")
+        task = self._group.create_task(self._run(job), name=f"task-{job.task_id}")
         self._running[job.task_id] = (job, task)
         self._idle.clear()
         self._metrics.tasks_in_flight.set(len(self._running))
 
-    async def _answer_from_store(self, job: Job, record: TaskRecord) -> None:
-        """A redelivery of an ended task: publish its terminal event again, then ack."""
-        if record.terminal_event is not None:  # the same event, event_id included
-            event = TaskEvent.model_validate_json(record.terminal_event)
-        else:  # cancelled while it waited in the queue
-            event = _cancelled(job)
-        await self._guarded_finish(job, event)
-
     async def _run(self, job: Job) -> None:
+        try:
+            await self._run_decided(job)
+        except Exception:  # deciding the crash failed too: the last resort cannot fail to settle
+            log.exception("task ending failed", extra=ctx(task_id=job.task_id))
+            await self._settler.settle(list(job.handles), Crashed("its ending failed"))
+        finally:
+            await self._forget(job)
+
+    async def _run_decided(self, job: Job) -> None:
         try:
             await self._run_leased(job)
         except asyncio.CancelledError:
-            if not job.cancel_requested:
+            if job.settling:  # the ending goes on without us
+                raise
+            if not job.cancel_requested:  # shutdown: give the delivery back before the channel goes
+                await self._settle(job, Returned("shutting down"))
                 raise
             _uncancel()  # cancelled by its owner before the pipeline ran
-            await asyncio.shield(self._guarded_finish(job, _cancelled(job)))
-        except Exception:  # bookkeeping failed (store down?): requeue; the delivery limit applies
-            log.exception("task bookkeeping failed; requeued", extra=ctx(task_id=job.task_id))
-            await self._crashed(job)
-        finally:
-            if self._running.get(job.task_id, (None,))[0] is job:
-                del self._running[job.task_id]
-            self._ended.set()
-            self._ended = asyncio.Event()
-            if job.acked:  # copies that attached while it finished: the answer stands
-                await _settle(job.handles[job.acked :], requeue=False)
-            self._metrics.tasks_in_flight.set(len(self._running))
-            if not self._running:
-                self._idle.set()
+            await self._settle(job, self._finished(job, _cancelled(job)))
+        except Exception:  # bookkeeping failed (the store?): decided like a crash
+            log.exception("task bookkeeping failed", extra=ctx(task_id=job.task_id))
+            await self._settle(job, await self._crash_outcome(job))
 
     async def _run_leased(self, job: Job) -> None:
+        """Run the task under its lease; the lease is held until its ending is recorded."""
         ended = await self._leases.acquire(job.task_id)
-        if ended is not None:  # another replica finished it while we waited
-            await self._answer_from_store(job, ended)
+        if ended is not None:  # another replica ended it while we waited
+            await self._settle(job, self._from_store(job, ended))
             return
         async with self._leases.held(job.task_id):
-            record = await self._store.get(job.task_id)
-            if record is not None and record.status.is_terminal:  # e.g. cancelled meanwhile
-                await self._answer_from_store(job, record)
-                return
-            if job.cancel_requested:
-                await self._guarded_finish(job, _cancelled(job))
-                return
-            _recall_previous_prompt(job, record)
-            event = await self._outcome(job)
-            if event is not None:
-                await asyncio.shield(self._guarded_finish(job, event))
+            outcome = await self._decide(job)
+            await self._settle(job, outcome)
 
-    async def _outcome(self, job: Job) -> TaskEvent | None:
-        """Run the pipeline; the terminal event, or None when the message must be requeued."""
+    async def _decide(self, job: Job) -> Outcome:
+        record = await self._store.get(job.task_id)
+        if record is not None and record.status.is_terminal:  # e.g. cancelled meanwhile
+            return self._from_store(job, record)
+        if job.cancel_requested:
+            return self._finished(job, _cancelled(job))
+        _recall_previous_prompt(job, record)
+        return await self._outcome(job)
+
+    async def _outcome(self, job: Job) -> Outcome:
+        """Run the pipeline and say how the task ended."""
         try:
             result = await self._pipeline.run(job)
         except asyncio.CancelledError:
             if not job.cancel_requested:
                 raise
             _uncancel()
-            return _cancelled(job)
+            return self._finished(job, _cancelled(job))
         except ConsumerError as exc:
-            return job.error_event(EventKind.FAILED, exc.code, exc.message, retriable=exc.retriable)
+            event = job.error_event(
+                EventKind.FAILED, exc.code, exc.message, retriable=exc.retriable
+            )
+            return self._finished(job, event)
         except Exception:
             log.exception("task crashed", extra=ctx(task_id=job.task_id, user_id=job.user_id))
-            await self._crashed(job)
-            return None
-        return job.event(
+            return await self._crash_outcome(job)
+        event = job.event(
             EventKind.COMPLETED, output_image_url=result.urls[0], output_image_urls=result.urls
         )
+        return self._finished(job, event)
 
-    async def _crashed(self, job: Job) -> None:
-        """A bug or a broken store: requeue, counted by the queue's delivery limit.
+    def _finished(self, job: Job, event: TaskEvent) -> Finished:
+        details = {"progress": event.progress, "instance": job.instance}
+        return Finished(
+            event=event,
+            details={**details, "timings_ms": job.timings_ms},
+            reply=job.reply,
+            batch=job.batch,
+        )
 
-        On the last allowed delivery the owner is told first (`failed`, internal_error);
-        the queue then dead-letters the message. Telling is best effort: whatever failed
-        may fail again.
-        """
+    def _from_store(self, job: Job, record: TaskRecord) -> Finished:
+        """A redelivery of an ended task: its terminal event again (same event_id)."""
+        if record.terminal_event is not None:
+            return Finished(
+                TaskEvent.model_validate_json(record.terminal_event),
+                reply=job.reply,
+                batch=job.batch,
+            )
+        return self._finished(job, _cancelled(job))  # cancelled while it waited in the queue
+
+    async def _crash_outcome(self, job: Job) -> Outcome:
+        """Requeue a crash, counted; on the last allowed delivery tell the owner first."""
         if await self.waited_for_store():
-            await _settle(job.handles, requeue=True)  # an outage, not this task's fault
-            return
-        try:
-            if delivery_count(job.handles[-1]) >= self._delivery_limit:
-                event = job.error_event(
-                    EventKind.FAILED,
-                    ErrorCode.INTERNAL_ERROR,
-                    "processing crashed on every delivery",
-                    retriable=False,
-                )
-                await self._store_terminal(job, event)
-                await self._reporter.terminal(event, job.reply_to, job.correlation_id)
-        except Exception:
-            log.exception("could not record the crash of %s", job.task_id)
-        await _settle(job.handles, requeue=True)
+            return Returned("the task store was unreachable")
+        reason = "processing crashed on every delivery"
+        if delivery_count(job.handles[-1]) < self._delivery_limit:
+            return Crashed(reason)
+        event = job.error_event(EventKind.FAILED, ErrorCode.INTERNAL_ERROR, reason, retriable=False)
+        return Crashed(reason, event=event, reply=job.reply)
+
+    async def _settle(self, job: Job, outcome: Outcome) -> None:
+        job.settling = True
+        action = await self._settler.settle(list(job.handles), outcome)
+        job.action = action
+        if isinstance(outcome, Finished) and action is Action.ACK:
+            event = outcome.event
+            self._metrics.tasks.labels(job.style.name, event.status.value).inc()
+            log.info(
+                "task %s",
+                event.status.value,
+                extra=ctx(
+                    **job.log_fields(),
+                    error=event.error.code if event.error else None,
+                    timings_ms=job.timings_ms or None,
+                ),
+            )
+
+    async def _forget(self, job: Job) -> None:
+        """Drop the ended task from the running ones."""
+        if self._running.get(job.task_id, (None,))[0] is job:
+            del self._running[job.task_id]
+        self._ended.set()
+        self._ended = asyncio.Event()
+        self._metrics.tasks_in_flight.set(len(self._running))
+        if not self._running:
+            self._idle.set()
+        if job.action is not None:  # copies that attached while it ended: the same answer
+            for message in job.handles:
+                await apply(message, job.action)
 
     async def waited_for_store(self) -> bool:
         """If the task store is down, wait until it answers again; True if it was down.
@@ -268,79 +331,11 @@ class Dispatcher:
         log.info("task store reachable again")
         return True
 
-    async def _guarded_finish(self, job: Job, event: TaskEvent) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._finishing.add(task)
-        try:
-            await self._finish(job, event)
-        finally:
-            if task is not None:
-                self._finishing.discard(task)
-
-    async def _finish(self, job: Job, event: TaskEvent) -> None:
-        """Store the terminal state, publish it (confirmed), then ack every handle."""
-        event = await self._store_terminal(job, event)
-        await self._reporter.terminal(event, job.reply_to, job.correlation_id)
-        self._metrics.tasks.labels(job.style.name, event.status.value).inc()
-        log.info(
-            "task %s",
-            event.status.value,
-            extra=ctx(
-                **job.log_fields(),
-                error=event.error.code if event.error else None,
-                timings_ms=job.timings_ms or None,
-            ),
-        )
-        if job.batch is not None:
-            await self._maybe_batch_done(job)
-        await _settle(job.handles, requeue=False)
-        job.acked = len(job.handles)
-
-    async def _store_terminal(self, job: Job, event: TaskEvent) -> TaskEvent:
-        """Record the terminal state; when another ending won the race, publish that one."""
-        changes = {
-            "status": event.status,
-            "terminal_event": event.model_dump_json(),
-            "output_image_url": event.output_image_url,
-            "output_image_urls": event.output_image_urls,
-            "error": event.error.model_dump(mode="json") if event.error else None,
-        }
-        extras = {
-            "progress": event.progress,
-            "instance": job.instance,
-            "timings_ms": job.timings_ms,
-        }
-        if await self._store.update(job.task_id, **changes, **extras) is not None:
-            return event
-        stored = await self._store.get(job.task_id)
-        if stored is not None and stored.terminal_event is not None:
-            return TaskEvent.model_validate_json(stored.terminal_event)  # another ending won
-        if stored is not None and stored.status is TaskStatus.CANCELLED:
-            return _cancelled(job)  # its owner cancelled it while it was pending
-        refused_detail = stored is not None and not stored.status.is_terminal
-        # Refused for a detail (e.g. a stale progress figure): the ending still counts.
-        if refused_detail and await self._store.update(job.task_id, **changes) is None:
-            log.error("the store refused the end of %s", job.task_id)
-        return event
-
-    async def _maybe_batch_done(self, job: Job) -> None:
-        if job.batch is not None:
-            event = await records.batch_completion(self._store, job, job.batch)
-            if event is not None:
-                await self._reporter.publish(event)
-
-    async def record_rejection(self, event: TaskEvent) -> None:
-        await records.record_rejection(self._store, event)
-
-    async def register_batch(self, batch_id: str, batch: BatchTransformRequest) -> None:
-        await records.register_batch(self._store, batch_id, batch)
-
     async def cancel(self, request: CancelRequest) -> int:
         """Cancel the owner's task or batch wherever it is; returns how many were found."""
         found = 0
         for job, task in list(self._running.values()):
-            if job.user_id == request.user_id and _matches(job, request):
+            if job.user_id == request.user_id and _matches(job, request) and not job.settling:
                 job.cancel_requested = True
                 task.cancel()
                 found += 1
@@ -361,7 +356,7 @@ class Dispatcher:
         return await records.batch_task_ids(self._store, request.batch_id or "")
 
     async def drain(self, grace_s: float) -> None:
-        """Let running tasks finish for up to `grace_s`, then interrupt the rest (unacked)."""
+        """Let running tasks finish for up to `grace_s`, then interrupt the rest (given back)."""
         try:
             async with asyncio.timeout(grace_s):
                 await self._idle.wait()
@@ -375,9 +370,9 @@ class Dispatcher:
 
     async def _interrupt_all(self) -> None:
         """Cancel every task (each interrupts its prompt), including any started meanwhile."""
-        while self._running or self._finishing:
-            tasks = {task for _, task in self._running.values()} | self._finishing
-            for _, task in self._running.values():
+        while self._running:
+            tasks = {task for _, task in self._running.values()}
+            for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)
 
@@ -389,6 +384,15 @@ class _Admission:
     user_id: str
     handles: list[AbstractIncomingMessage]
     cancelled: bool = False
+
+
+def _task_id(request: TransformRequest, message: AbstractIncomingMessage) -> str:
+    """The request's task_id, else a valid AMQP message_id, else a fresh id."""
+    if request.task_id is not None:
+        return request.task_id
+    if is_valid_id(message.message_id):
+        return str(message.message_id)
+    return uuid.uuid4().hex
 
 
 def _cancelled(job: Job) -> TaskEvent:
@@ -421,15 +425,3 @@ def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
-
-
-async def _settle(handles: list[AbstractIncomingMessage], *, requeue: bool) -> None:
-    """Ack (or reject for requeue) every live handle; a dead channel's handle is moot."""
-    for message in handles:
-        try:
-            if requeue:
-                await message.reject(requeue=True)
-            else:
-                await message.ack()
-        except Exception as exc:  # the channel is gone: the broker redelivers; idempotent
-            log.debug("could not settle a delivery: %s", exc)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,8 @@ JSON = "application/json"
 APP_ID = "style-consumer"
 MAX_ERROR_MESSAGE_CHARS = 1000
 MAX_QUEUE_NAME_BYTES = 255
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+_OWN_HEADER_PREFIXES = ("x-error-", "x-original-")
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 5.0
 _BROKER_ERRORS = (
@@ -47,6 +50,28 @@ _BROKER_ERRORS = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,
 )
+
+
+class ReplyPolicy:
+    """Which `reply_to` queues a request may name: Direct Reply-to, and REPLY_TO_PATTERN.
+
+    A `reply_to` is written by the sender, so without a policy a request could inject terminal
+    events into any queue on the broker (another application's included).
+    """
+
+    def __init__(self, pattern: str | None = None) -> None:
+        self._pattern = re.compile(pattern) if pattern else None
+
+    def __repr__(self) -> str:
+        shown = self._pattern.pattern if self._pattern else None
+        return f"<ReplyPolicy direct-reply-to pattern={shown!r}>"
+
+    def allows(self, reply_to: str) -> bool:
+        if not 0 < len(reply_to.encode("utf-8", "surrogatepass")) <= MAX_QUEUE_NAME_BYTES:
+            return False
+        if reply_to == DIRECT_REPLY_TO or reply_to.startswith(f"{DIRECT_REPLY_TO}."):
+            return True
+        return self._pattern is not None and self._pattern.fullmatch(reply_to) is not None
 
 
 class Unroutable(BrokerUnavailable):
@@ -125,9 +150,14 @@ class EventPublisher:
 
         The caller acks the original afterwards; if this raises, it must not. Dropped on
         purpose: `expiration` (it would expire in the dead queue), `user_id` (the broker
-        checks it against our login) and the queue's own `x-delivery-count`.
+        checks it against our login), the queue's own `x-delivery-count`, and any `x-error-*`
+        or `x-original-*` the sender wrote (those are ours to set).
         """
-        kept = {k: v for k, v in message.headers.items() if k != "x-delivery-count"}
+        kept = {
+            k: v
+            for k, v in message.headers.items()
+            if k != "x-delivery-count" and not k.startswith(_OWN_HEADER_PREFIXES)
+        }
         headers: dict[str, Any] = {
             **kept,
             "x-error-code": str(code),

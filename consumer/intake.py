@@ -15,19 +15,27 @@ import asyncio
 import functools
 import logging
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import orjson
 
+from consumer import records
 from consumer.broker import delivery_count
-from consumer.errors import BrokerUnavailable, ConsumerError, InvalidRequest
-from consumer.events import until_confirmed
-from consumer.jobs import BatchRef, utcnow
+from consumer.errors import ConsumerError, InvalidRequest
+from consumer.events import APP_ID, until_confirmed
+from consumer.jobs import BatchRef, Reply, utcnow
 from consumer.logs import ctx
+from consumer.settle import Crashed, Handled, Outcome, Refused, Returned, safe_text
 from consumer.topology import declare_control_queue, declare_topology
 from contracts import ErrorCode, EventKind, TaskStatus
 from contracts.decode import InvalidMessage, decode_request
-from contracts.ids import BATCH_ID_PATTERN, USER_ID_PATTERN, batch_task_id, is_valid_id
+from contracts.ids import (
+    BATCH_ID_PATTERN,
+    MAX_BATCH_SIZE,
+    USER_ID_PATTERN,
+    batch_task_id,
+    is_valid_id,
+)
 from contracts.models import (
     BatchTransformRequest,
     CancelRequest,
@@ -42,13 +50,17 @@ if TYPE_CHECKING:
     from consumer.broker import Broker
     from consumer.comfy import InstancePool
     from consumer.dispatcher import Dispatcher
-    from consumer.events import EventPublisher
+    from consumer.events import EventPublisher, ReplyPolicy
     from consumer.metrics import Metrics
+    from consumer.settle import Settler
+    from consumer.state import TaskStateStore
     from consumer.topology import Topology
     from consumer.workflows import StyleCatalog
 
 log = logging.getLogger(__name__)
-JSON_TYPES = {"application/json", "text/json"}
+JSON_TYPES = frozenset({"application/json", "text/json"})
+IDENTITY_ENCODINGS = frozenset({"", "identity", "utf-8", "utf8"})  # no compression
+REQUEST_KINDS = frozenset({"transform", "transform.batch", "cancel"})
 BATCH_HEADERS = ("x-batch-id", "x-batch-index", "x-batch-size")
 CANCEL_TIMEOUT_S = 5.0
 FOLLOW_RETRY_S = 1.0
@@ -63,7 +75,10 @@ class Intake:
         broker: Broker,
         topology: Topology,
         dispatcher: Dispatcher,
+        settler: Settler,
+        store: TaskStateStore,
         publisher: EventPublisher,
+        replies: ReplyPolicy,
         pool: InstancePool,
         catalog: StyleCatalog,
         metrics: Metrics,
@@ -74,7 +89,10 @@ class Intake:
         self._broker = broker
         self._topology = topology
         self._dispatcher = dispatcher
+        self._settler = settler
+        self._store = store
         self._publisher = publisher
+        self._replies = replies
         self._pool = pool
         self._catalog = catalog
         self._metrics = metrics
@@ -164,25 +182,33 @@ class Intake:
             log.debug("consumer cancel failed: %s", exc)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._metrics.messages_consumed.labels(message.routing_key or "").inc()
-        try:
-            await self._handle(message)
-        except _Invalid as exc:
-            await self._dead_letter(message, exc.code, exc.message, exc.user_id)
-        except ConsumerError as exc:
-            await self._dead_letter(message, exc.code, exc.message, _peek_user_id(message.body))
-        except Exception:
-            log.exception("intake crashed on a message; requeued (the delivery limit applies)")
-            await self._crashed(message)
+        """Decide how the delivery ends (or hand it to a task), then end it: always."""
+        self._metrics.messages_consumed.labels(_kind(message)).inc()
+        outcome = await self._decide(message)
+        if outcome is not None:
+            await self._settler.settle([message], outcome)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _decide(self, message: AbstractIncomingMessage) -> Outcome | None:
+        """The outcome of a delivery, or None once a task owns it. Never raises."""
+        try:
+            return await self._handle(message)
+        except _Invalid as exc:
+            return self._refused(message, exc.code, exc.message, exc.user_id)
+        except ConsumerError as exc:
+            return self._refused(message, exc.code, exc.message, _peek_user_id(message.body))
+        except Exception:  # RecursionError and MemoryError included: a bug, or worse input
+            log.exception("intake crashed on a message; requeued (the delivery limit applies)")
+            return await self._crashed(message)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> Outcome | None:
         request = self._decode(message)
         if isinstance(request, TransformRequest):
-            await self._dispatcher.submit(message, request, _batch_ref(message))
-        elif isinstance(request, BatchTransformRequest):
+            batch = await self._trusted_batch(message, request)
+            return await self._dispatcher.submit(message, request, batch, self._reply(message))
+        if isinstance(request, BatchTransformRequest):
             await self._expand(message, request)
-        else:
-            raise InvalidRequest("cancel requests go to routing key 'cancel', not the work queue")
+            return Handled()
+        raise InvalidRequest("cancel requests go to routing key 'cancel', not the work queue")
 
     def _decode(
         self, message: AbstractIncomingMessage
@@ -190,22 +216,40 @@ class Intake:
         size = len(message.body)
         if size > self._max_bytes:
             raise _Invalid(f"message is {size} bytes; the limit is {self._max_bytes}", None)
-        content_type = (message.content_type or "application/json").split(";")[0].strip()
-        if content_type.lower() not in JSON_TYPES:
-            msg = f"content_type must be application/json, not {content_type!r}"
-            raise _Invalid(msg, _peek_user_id(message.body))
+        _check_encoding(message)
         try:
             return decode_request(message.routing_key or "", message.body)
         except InvalidMessage as exc:
             raise _Invalid(str(exc), exc.user_id) from exc
 
+    async def _trusted_batch(
+        self, message: AbstractIncomingMessage, request: TransformRequest
+    ) -> BatchRef | None:
+        """Batch headers count only on a request we published for a batch of the same owner."""
+        ref = _batch_ref(message)
+        if ref is None or message.app_id != APP_ID:
+            return None
+        if await records.batch_owned(self._store, ref, request):
+            return ref
+        log.warning("batch headers ignored", extra=ctx(batch_id=ref.batch_id[:64]))
+        return None
+
+    def _reply(self, message: AbstractIncomingMessage) -> Reply | None:
+        reply_to = message.reply_to
+        if not reply_to:
+            return None
+        if not self._replies.allows(reply_to):
+            self._metrics.replies_refused.inc()
+            log.warning("reply_to ignored", extra=ctx(reply_to=safe_text(reply_to, 300)))
+            return None
+        return Reply(reply_to, message.correlation_id)
+
     async def _expand(self, message: AbstractIncomingMessage, batch: BatchTransformRequest) -> None:
         self._catalog.get(batch.style_type)
-        batch_id = batch.batch_id or message.message_id or uuid.uuid4().hex
-        if not is_valid_id(batch_id, BATCH_ID_PATTERN):
-            raise InvalidRequest(f"message_id {batch_id!r} cannot be a batch_id; set batch_id")
+        batch_id = batch.batch_id or _valid_message_id(message, BATCH_ID_PATTERN)
         size = len(batch.image_urls)
-        await self._dispatcher.register_batch(batch_id, batch)
+        await records.register_batch(self._store, batch_id, batch)
+        reply = self._reply(message)
         for index, url in enumerate(batch.image_urls):
             request = TransformRequest(
                 task_id=batch_task_id(batch_id, index),
@@ -219,40 +263,31 @@ class Intake:
                 "transform",
                 body,
                 headers=headers,
-                reply_to=message.reply_to,
-                correlation_id=message.correlation_id,
+                reply_to=reply.reply_to if reply else None,
+                correlation_id=reply.correlation_id if reply else None,
             )
             await until_confirmed(publish)
-        await message.ack()
         log.info("batch expanded", extra=ctx(batch_id=batch_id, user_id=batch.user_id, size=size))
 
-    async def _crashed(self, message: AbstractIncomingMessage) -> None:
+    async def _crashed(self, message: AbstractIncomingMessage) -> Outcome:
         """Requeue (counted); on the last allowed delivery tell the user first, if we can."""
         if await self._dispatcher.waited_for_store():
-            await message.reject(requeue=True)  # an outage, not this message's fault
-            return
+            return Returned("the task store was unreachable")
+        reason = "processing crashed on every delivery; dead-lettered"
         user_id = _peek_user_id(message.body)
-        if delivery_count(message) >= self._delivery_limit and user_id is not None:
-            reason = "processing crashed on every delivery; dead-lettered"
-            event = _failed_event(message, user_id, ErrorCode.INTERNAL_ERROR, reason)
-            try:
-                await self._publisher.publish_event(event)
-            except BrokerUnavailable as exc:
-                log.warning("could not announce the crash: %s", exc)
-        await message.reject(requeue=True)
+        if delivery_count(message) < self._delivery_limit or user_id is None:
+            return Crashed(reason)
+        event = _failed_event(message, user_id, ErrorCode.INTERNAL_ERROR, reason)
+        return Crashed(reason, event=event, reply=self._reply(message))
 
-    async def _dead_letter(
+    def _refused(
         self, message: AbstractIncomingMessage, code: ErrorCode, reason: str, user_id: str | None
-    ) -> None:
-        if user_id is not None:
-            event = _failed_event(message, user_id, code, reason)
-            await self._dispatcher.record_rejection(event)
-            await until_confirmed(lambda: self._publisher.publish_event(event))
-        await until_confirmed(lambda: self._publisher.dead_letter(message, code, reason))
-        await message.ack()
-        self._metrics.messages_rejected.labels(code.value).inc()
-        self._metrics.messages_dead_lettered.labels(code.value).inc()
-        log.warning("message dead-lettered", extra=ctx(code=code.value, reason=reason[:300]))
+    ) -> Refused:
+        reason = safe_text(reason)
+        if user_id is None:
+            return Refused(code, reason)
+        event = _failed_event(message, user_id, code, reason)
+        return Refused(code, reason, event=event, reply=self._reply(message))
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -261,10 +296,10 @@ class Intake:
             log.info("cancel handled", extra=ctx(user_id=request.user_id, found=found))
         except InvalidMessage as exc:
             self._metrics.messages_rejected.labels("invalid_request").inc()
-            log.warning("invalid cancel ignored", extra=ctx(reason=str(exc)[:300]))
-        except Exception:
+            log.warning("invalid cancel ignored", extra=ctx(reason=safe_text(str(exc), 300)))
+        except Exception:  # a cancel is best effort: it must not loop on every replica
             log.exception("cancel failed")
-        await message.ack()
+        await self._settler.settle([message], Handled())
 
 
 class _Invalid(InvalidRequest):
@@ -307,10 +342,32 @@ def _peek_task_id(message: AbstractIncomingMessage) -> str:
     except orjson.JSONDecodeError:
         value = None
     task_id = value.get("task_id") if isinstance(value, dict) else None
-    for candidate in (task_id, message.message_id):
-        if is_valid_id(candidate):
-            return str(candidate)
-    return uuid.uuid4().hex
+    return str(task_id) if is_valid_id(task_id) else _valid_message_id(message)
+
+
+def _valid_message_id(message: AbstractIncomingMessage, pattern: str | None = None) -> str:
+    """The AMQP message_id when it is a valid id (task or batch), else a fresh one."""
+    message_id = message.message_id
+    valid = is_valid_id(message_id, pattern) if pattern else is_valid_id(message_id)
+    return str(message_id) if valid else uuid.uuid4().hex
+
+
+def _kind(message: AbstractIncomingMessage) -> str:
+    """A bounded metric label for the routing key a request came with."""
+    key = message.routing_key or ""
+    return key if key in REQUEST_KINDS else "other"
+
+
+def _check_encoding(message: AbstractIncomingMessage) -> None:
+    """JSON only, uncompressed: the content_type and content_encoding properties."""
+    content_type = (message.content_type or "application/json").split(";")[0].strip()
+    if content_type.lower() not in JSON_TYPES:
+        msg = f"content_type must be application/json, not {safe_text(content_type, 100)!r}"
+        raise _Invalid(msg, _peek_user_id(message.body))
+    encoding = (message.content_encoding or "").strip().lower()
+    if encoding not in IDENTITY_ENCODINGS:
+        msg = f"content_encoding {safe_text(encoding, 100)!r} is not supported (send plain JSON)"
+        raise _Invalid(msg, _peek_user_id(message.body))
 
 
 def _failed_event(
@@ -332,8 +389,15 @@ def _failed_event(
 
 
 def _batch_ref(message: AbstractIncomingMessage) -> BatchRef | None:
+    """The batch headers, when they are well formed (whether to trust them is asked later)."""
     headers = message.headers or {}
     batch_id, index, size = (headers.get(name) for name in BATCH_HEADERS)
-    if isinstance(batch_id, str) and isinstance(index, int) and isinstance(size, int):
-        return BatchRef(batch_id=batch_id, index=index, size=size)
-    return None
+    if not (is_valid_id(batch_id, BATCH_ID_PATTERN) and _is_int(index) and _is_int(size)):
+        return None
+    if not 0 <= index < size <= MAX_BATCH_SIZE:
+        return None
+    return BatchRef(batch_id=str(batch_id), index=index, size=size)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,7 +1,7 @@
 """A task in flight: what was asked, where it stands, and the events that describe it.
 
 The delivery is only a handle on a job: a redelivered copy of a running task adds its
-handle here, and every live handle is settled when the job ends.
+handle here, and every handle is settled (`consumer.settle`) when the job ends.
 """
 
 from __future__ import annotations
@@ -10,13 +10,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
 from consumer.workflows import Style
 from contracts import ErrorCode, EventKind, TaskStatus
 from contracts.models import TaskError, TaskEvent, Timings, TransformRequest
+
+if TYPE_CHECKING:
+    from consumer.settle import Action
 
 STATUS_OF_EVENT = {
     EventKind.ACCEPTED: TaskStatus.PENDING,
@@ -31,6 +34,14 @@ STATUS_OF_EVENT = {
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Where a request asked for its terminal event (already allowed by the reply policy)."""
+
+    reply_to: str
+    correlation_id: str | None
 
 
 @dataclass(frozen=True)
@@ -51,8 +62,7 @@ class Job:
     style: Style
     seed: int
     batch: BatchRef | None = None
-    reply_to: str | None = None
-    correlation_id: str | None = None
+    reply: Reply | None = None
     created_at: datetime = field(default_factory=utcnow)
     accepted_at: float = field(default_factory=time.monotonic)  # this delivery's acceptance
     attempt: int = 1
@@ -60,7 +70,8 @@ class Job:
     progress: int = 0
     cancel_requested: bool = False
     prompt_id: str | None = None
-    acked: int = 0  # handles acked when the task ended
+    settling: bool = False  # its ending is being performed: a cancel comes too late
+    action: Action | None = None  # how its deliveries ended
     previous_prompt: tuple[str, str] | None = None  # (instance, prompt_id) of an earlier run
     timings_ms: dict[str, int] = field(default_factory=dict)
     handles: list[AbstractIncomingMessage] = field(default_factory=list)

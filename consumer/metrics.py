@@ -85,6 +85,11 @@ class Metrics:
         self.retries = Counter(
             f"{PREFIX}_retries", "Task attempts retried after a transient error", registry=reg
         )
+        self.replies_refused = Counter(
+            f"{PREFIX}_replies_refused",
+            "reply_to values ignored: not Direct Reply-to nor REPLY_TO_PATTERN",
+            registry=reg,
+        )
         self.broker_connected = Gauge(
             f"{PREFIX}_broker_connected", "1 while both broker connections are open", registry=reg
         )

@@ -1,22 +1,27 @@
-"""The task records the dispatcher writes besides a running task's own: batches, tombstones,
-refusals. Pure store logic, no broker and no running tasks.
+"""How requests and their endings are written to the task store: new, terminal, refused,
+cancelled-before-seen, batches. Pure store logic, no broker and no running tasks.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from consumer.jobs import utcnow
 from consumer.state import TaskRecord
-from contracts import TaskStatus
+from contracts import ErrorCode, EventKind, TaskStatus
 from contracts.ids import MAX_BATCH_SIZE, batch_task_id
-from contracts.models import BatchCompletedEvent
+from contracts.models import BatchCompletedEvent, TaskError, TaskEvent
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from consumer.jobs import BatchRef, Job
     from consumer.state import TaskStateStore
-    from contracts.models import BatchTransformRequest, TaskEvent
+    from contracts.models import BatchTransformRequest, TransformRequest
+
+log = logging.getLogger(__name__)
 
 
 def new_record(job: Job) -> TaskRecord:
@@ -71,6 +76,16 @@ async def register_batch(
         await store.create(record)  # False on a re-expansion: it is there already
 
 
+async def batch_owned(store: TaskStateStore, ref: BatchRef, request: TransformRequest) -> bool:
+    """Whether `ref` names the batch task this request is, of a batch its sender owns."""
+    if request.task_id != batch_task_id(ref.batch_id, ref.index):
+        return False
+    record = await store.get(request.task_id)
+    return (
+        record is not None and record.batch_id == ref.batch_id and record.user_id == request.user_id
+    )
+
+
 async def batch_task_ids(store: TaskStateStore, batch_id: str) -> list[str]:
     """The recorded tasks of a batch, in order."""
     ids = []
@@ -83,47 +98,82 @@ async def batch_task_ids(store: TaskStateStore, batch_id: str) -> list[str]:
 
 
 async def tombstone(store: TaskStateStore, task_id: str, user_id: str) -> bool:
-    """Mark a task that waits in the queue (or is not yet seen) as cancelled.
+    """Cancel a task of `user_id` that waits in the queue, or that was not seen yet.
 
-    Only a pending task: one being processed is cancelled by the replica running it, which
-    gets the same cancel.
+    An unseen id creates no task record (that would squat the id): the cancel is remembered
+    for this user only, and the task is cancelled when its request arrives. A task being
+    processed is cancelled by the replica running it, which gets the same cancel.
     """
     record = await store.get(task_id)
     if record is None:
-        now = utcnow()
-        cancelled = TaskRecord(
-            task_id=task_id,
-            user_id=user_id,
-            style_type="",
-            status=TaskStatus.CANCELLED,
-            created_at=now,
-            updated_at=now,
-        )
-        return await store.create(cancelled)
+        await store.add_cancel(user_id, task_id)
+        return True
     if record.user_id != user_id or record.status is not TaskStatus.PENDING:
         return False
     return await store.update(task_id, status=TaskStatus.CANCELLED) is not None
 
 
+async def store_terminal(
+    store: TaskStateStore, event: TaskEvent, details: Mapping[str, Any]
+) -> TaskEvent:
+    """Record a task's terminal state; when another ending won the race, that one's event.
+
+    `details` (progress, instance, timings) are stored alongside when the store takes them.
+    """
+    changes = {
+        "status": event.status,
+        "terminal_event": event.model_dump_json(),
+        "output_image_url": event.output_image_url,
+        "output_image_urls": event.output_image_urls,
+        "error": event.error.model_dump(mode="json") if event.error else None,
+    }
+    if await store.update(event.task_id, **changes, **details) is not None:
+        return event
+    stored = await store.get(event.task_id)
+    if stored is not None and stored.terminal_event is not None:
+        return TaskEvent.model_validate_json(stored.terminal_event)  # another ending won
+    if stored is not None and stored.status is TaskStatus.CANCELLED:
+        return cancelled_event(event)  # its owner cancelled it while it was pending
+    # Refused for a detail (e.g. a stale progress figure): the ending still counts.
+    if stored is not None and await store.update(event.task_id, **changes) is None:
+        log.error("the store refused the end of %s", event.task_id)
+    return event
+
+
+def cancelled_event(event: TaskEvent) -> TaskEvent:
+    """`event` turned into the task's `cancelled` event."""
+    error = TaskError(code=ErrorCode.CANCELLED, message="cancelled by its owner", retriable=False)
+    return event.model_copy(
+        update={
+            "event": EventKind.CANCELLED,
+            "status": TaskStatus.CANCELLED,
+            "error": error,
+            "output_image_url": None,
+            "output_image_urls": None,
+        }
+    )
+
+
 async def batch_completion(
-    store: TaskStateStore, job: Job, batch: BatchRef
-) -> BatchCompletedEvent | None:
-    """The batch's `batch.completed` event once every task of it has ended, else None."""
+    store: TaskStateStore, event: TaskEvent, batch: BatchRef
+) -> BatchCompletedEvent:
+    """The batch's `batch.completed` event, from the records of its tasks."""
     task_ids = [batch_task_id(batch.batch_id, i) for i in range(batch.size)]
-    records = [await store.get(task_id) for task_id in task_ids]
-    if not all(r is not None and r.status.is_terminal for r in records):
-        return None
-    statuses = [r.status for r in records if r is not None]
+    statuses = [record.status for record in await _records(store, task_ids) if record]
     return BatchCompletedEvent(
-        # Every replica that sees the batch end announces it: one id to dedupe on.
+        # Announced once; re-announced (same id) only when a replica died while announcing.
         event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"batch.completed/{batch.batch_id}").hex,
         batch_id=batch.batch_id,
-        user_id=job.user_id,
-        style_type=job.style.name,
+        user_id=event.user_id,
+        style_type=event.style_type,
         task_ids=task_ids,
         completed=statuses.count(TaskStatus.COMPLETED),
         failed=statuses.count(TaskStatus.FAILED),
         cancelled=statuses.count(TaskStatus.CANCELLED),
-        metadata=job.request.metadata,
+        metadata=event.metadata,
         timestamp=utcnow(),
     )
+
+
+async def _records(store: TaskStateStore, task_ids: list[str]) -> list[TaskRecord | None]:
+    return [await store.get(task_id) for task_id in task_ids]

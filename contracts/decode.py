@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -35,6 +37,9 @@ REQUEST_MODELS: Mapping[str, type[TransformRequest | BatchTransformRequest | Can
 """Routing key on the requests exchange -> the model of its body."""
 
 MAX_REPORTED_ERRORS = 10
+MAX_DEPTH = 64  # a request is a few levels deep; metadata may nest a little
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
 _MAX_SHOWN_INPUT_CHARS = 60
 
 
@@ -76,26 +81,91 @@ def decode_event(body: bytes) -> Event:
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, an object at the top."""
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, an object at the top, at most
+    MAX_DEPTH levels deep, and no text that cannot be written back as UTF-8."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidMessage(f"body is not UTF-8: byte {exc.start} is invalid") from exc
+    _check_depth(text)
     try:
-        document = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        document = json.loads(
+            text,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
     except json.JSONDecodeError as exc:
         raise InvalidMessage(
             f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
-    except ValueError as exc:
-        raise InvalidMessage(f"body is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise InvalidMessage(f"body is not JSON: {_escaped(str(exc))}") from exc
     if not isinstance(document, dict):
         raise InvalidMessage(f"body must be a JSON object, not {_json_type(document)}")
+    try:
+        _check_text(document)
+    except InvalidMessage as exc:
+        raise InvalidMessage(exc.message, _user_id_of(document)) from None
     return document
+
+
+def _check_depth(text: str) -> None:
+    """Refuse deep nesting before parsing (the parser would recurse into it)."""
+    depth = 0
+    for char in _BRACKETS.findall(_STRINGS.sub('""', text)):
+        depth += 1 if char in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise InvalidMessage(f"body is nested deeper than {MAX_DEPTH} levels")
+
+
+def _check_text(document: dict[str, Any]) -> None:
+    """Refuse strings (keys or values) holding a lone UTF-16 surrogate, e.g. `"\\ud800"`.
+
+    JSON allows the escape, Python decodes it, but no UTF-8 encoder can write it back: in an
+    event, a log line or a header it would fail later, far from here. Mobile clients send it
+    by accident when they cut a string inside an emoji.
+    """
+    pending: list[tuple[str, object]] = [("", document)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str):
+            _check_string(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_string(key, f"{path} (a key)" if path else "a key")
+                pending.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            pending.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+
+
+def _check_string(value: str, path: str) -> None:
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where = _escaped(path) or "the message"
+        raise InvalidMessage(
+            f"{where}: text holds a lone UTF-16 surrogate at character {exc.start}"
+            " (a string cut inside an emoji?); send valid Unicode"
+        ) from None
+
+
+def _escaped(text: str) -> str:
+    """`text` writable as UTF-8: lone surrogates become `\\udXXX` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -159,7 +229,7 @@ def _shown(value: object) -> str:
     """The offending input as JSON, shortened; empty for whole objects."""
     if isinstance(value, BaseModel | Mapping):
         return ""
-    text = json.dumps(value, ensure_ascii=False, default=str)
+    text = _escaped(json.dumps(value, ensure_ascii=False, default=str))
     if len(text) <= _MAX_SHOWN_INPUT_CHARS:
         return text
     return text[: _MAX_SHOWN_INPUT_CHARS - 3] + "..."
