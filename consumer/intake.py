@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import uuid
-from typing import TYPE_CHECKING, TypeGuard
-
-import orjson
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from consumer import records
 from consumer.broker import delivery_count
@@ -327,21 +326,27 @@ def _decode_cancel(body: bytes) -> CancelRequest:
     return request
 
 
-def _peek_user_id(body: bytes) -> str | None:
+def _peek(body: bytes) -> dict[str, Any]:
+    """The body's top-level object, leniently (for telling the sender why it was refused).
+
+    The standard library's parser, not orjson: it keeps strings with lone surrogates, and
+    numbers stay text (a 5000-digit one does not fail), so a refused body still names its
+    sender and task.
+    """
     try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    user_id = value.get("user_id") if isinstance(value, dict) else None
+        value = json.loads(body, parse_int=str, parse_float=str, parse_constant=str)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _peek_user_id(body: bytes) -> str | None:
+    user_id = _peek(body).get("user_id")
     return user_id if is_valid_id(user_id, USER_ID_PATTERN) else None
 
 
 def _peek_task_id(message: AbstractIncomingMessage) -> str:
-    try:
-        value = orjson.loads(message.body)
-    except orjson.JSONDecodeError:
-        value = None
-    task_id = value.get("task_id") if isinstance(value, dict) else None
+    task_id = _peek(message.body).get("task_id")
     return str(task_id) if is_valid_id(task_id) else _valid_message_id(message)
 
 

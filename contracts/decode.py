@@ -37,6 +37,7 @@ REQUEST_MODELS: Mapping[str, type[TransformRequest | BatchTransformRequest | Can
 """Routing key on the requests exchange -> the model of its body."""
 
 MAX_REPORTED_ERRORS = 10
+MAX_INT_DIGITS = 40  # the largest field (a 64-bit seed) has 20
 MAX_DEPTH = 64  # a request is a few levels deep; metadata may nest a little
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
 _BRACKETS = re.compile(r"[\[\]{}]")
@@ -92,7 +93,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         document = json.loads(
             text,
             parse_constant=_refuse_constant,
-            parse_float=_finite_float,
+            parse_int=_bounded_int,
             object_pairs_hook=_unique_keys,
         )
     except json.JSONDecodeError as exc:
@@ -104,7 +105,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise InvalidMessage(f"body must be a JSON object, not {_json_type(document)}")
     try:
-        _check_text(document)
+        _check_values(document)
     except InvalidMessage as exc:
         raise InvalidMessage(exc.message, _user_id_of(document)) from None
     return document
@@ -119,8 +120,9 @@ def _check_depth(text: str) -> None:
             raise InvalidMessage(f"body is nested deeper than {MAX_DEPTH} levels")
 
 
-def _check_text(document: dict[str, Any]) -> None:
-    """Refuse strings (keys or values) holding a lone UTF-16 surrogate, e.g. `"\\ud800"`.
+def _check_values(document: dict[str, Any]) -> None:
+    """Refuse numbers out of range, and strings (keys or values) holding a lone UTF-16
+    surrogate, e.g. `"\\ud800"`.
 
     JSON allows the escape, Python decodes it, but no UTF-8 encoder can write it back: in an
     event, a log line or a header it would fail later, far from here. Mobile clients send it
@@ -131,6 +133,10 @@ def _check_text(document: dict[str, Any]) -> None:
         path, value = pending.pop()
         if isinstance(value, str):
             _check_string(value, path)
+        elif isinstance(value, _OutOfRange) or (
+            isinstance(value, float) and not math.isfinite(value)
+        ):
+            raise InvalidMessage(f"{_escaped(path)}: number is out of range")
         elif isinstance(value, dict):
             for key, item in value.items():
                 _check_string(key, f"{path} (a key)" if path else "a key")
@@ -161,11 +167,15 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return value
+class _OutOfRange:
+    """A number no field can hold (over MAX_INT_DIGITS digits), refused after parsing."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _bounded_int(text: str) -> int | _OutOfRange:
+    return _OutOfRange(text) if len(text) > MAX_INT_DIGITS else int(text)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
