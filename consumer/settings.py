@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     # Input images
     image_max_bytes: int = Field(default=20 * MIB, ge=1024)
     image_max_pixels: int = Field(default=50_000_000, ge=1)
+    image_max_pixels_full_decode: int = Field(default=30_000_000, ge=1)
+    image_decode_budget_bytes: int = Field(default=576 * MIB, ge=64 * MIB)
     image_max_side: int = Field(default=1024, ge=64)
     image_png_compress_level: int = Field(default=0, ge=0, le=9)
     image_connect_timeout_s: float = Field(default=5.0, gt=0)

@@ -10,7 +10,7 @@ import pytest
 from PIL import ExifTags, Image
 
 from consumer.errors import ImageInvalid, ImageTooLarge
-from consumer.images import encode_png, normalise, target_size
+from consumer.images import encode_png, normalise, probe, target_size
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
@@ -50,6 +50,24 @@ def png_header_only(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+
+
+def webp_claiming(width: int, height: int) -> bytes:
+    """A lossless WebP of a few dozen bytes whose header claims width x height."""
+    data = bytearray(encoded(Image.new("RGB", (16, 16), RED), "WEBP", lossless=True))
+    header = data.index(b"VP8L") + 9  # after the chunk size and the 0x2F signature
+    bits = int.from_bytes(data[header : header + 4], "little") & ~((1 << 28) - 1)
+    bits |= (width - 1) | (height - 1) << 14
+    data[header : header + 4] = bits.to_bytes(4, "little")
+    return bytes(data)
+
+
+def jpeg_claiming(width: int, height: int, **params) -> bytes:
+    """A small JPEG whose frame header (SOF) claims width x height."""
+    data = bytearray(encoded(photo((64, 48)), "JPEG", **params))
+    sof = data.index(b"\xff\xc2" if params.get("progressive") else b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
 
 
 def test_jpeg_is_scaled_into_max_side_with_multiples_of_8():
@@ -227,3 +245,59 @@ def test_encode_png_round_trips_pixels(level):
     """encode_png writes a valid PNG with the exact pixels at every level."""
     image = photo((37, 23)).rotate(30)
     assert decoded(encode_png(image, level)).tobytes() == image.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt"),
+    [(png_header_only(6000, 6000), "PNG"), (webp_claiming(7000, 7000), "WEBP")],
+)
+def test_full_decode_formats_have_a_lower_pixel_limit(data, fmt):
+    """A PNG or WebP under JPEG's limit but over the full-decode one is refused from its header."""
+    for read in (probe, normalise):
+        with pytest.raises(ImageTooLarge, match=f"over the limit of 30000000 for {fmt}"):
+            read(data)
+
+
+def test_jpeg_is_held_to_max_pixels_only():
+    """A 48 MP JPEG passes: it decodes at 1/8 scale, so its estimate is of the reduced size."""
+    found = probe(jpeg_claiming(8000, 6000))
+    assert (found.width, found.height, found.format) == (8000, 6000, "JPEG")
+    assert found.estimated_decode_bytes < 8000 * 6000 // 2
+
+
+def test_progressive_jpeg_counts_its_full_size_coefficients():
+    """A progressive JPEG keeps every DCT coefficient at full size: 2 bytes a sample, 4:2:0."""
+    baseline = probe(jpeg_claiming(8000, 6000)).estimated_decode_bytes
+    progressive = probe(jpeg_claiming(8000, 6000, progressive=True)).estimated_decode_bytes
+    assert progressive - baseline == pytest.approx(8000 * 6000 * 1.5 * 2, rel=0.05)
+
+
+def left_opaque_sized(mode: str, size: tuple[int, int]) -> bytes:
+    """Left half opaque red, right half transparent."""
+    image = Image.new(mode, size, (0, 0, 0, 0))
+    image.paste((200, 0, 0, 255), (0, 0, size[0] // 2, size[1]))
+    return encoded(image, "PNG")
+
+
+def test_estimate_counts_pillow_copy_and_alpha_flattening():
+    """A full-size RGB decode costs 4 bytes a pixel; flattening transparency costs more."""
+    opaque = probe(encoded(photo((2000, 1500)), "PNG")).estimated_decode_bytes
+    clear = probe(left_opaque_sized("RGBA", (2000, 1500))).estimated_decode_bytes
+    assert opaque >= 2000 * 1500 * 4
+    assert clear >= opaque + 2000 * 1500 * 5
+
+
+def test_probe_reads_the_header_of_a_photo():
+    """probe gives the stored size and the format, as normalise names it."""
+    found = probe(encoded(photo((320, 240)), "WEBP", quality=80))
+    assert (found.width, found.height, found.format) == (320, 240, "WEBP")
+
+
+@pytest.mark.parametrize("data", [b"", b"%PDF-1.7\n", png_header_only(10_000, 10_000)])
+def test_probe_refuses_what_normalise_refuses(data):
+    """Non-images and bombs fail in probe with the same error as in normalise."""
+    with pytest.raises((ImageInvalid, ImageTooLarge)) as by_probe:
+        probe(data, max_pixels_full_decode=10**10, max_pixels=10**10)
+    with pytest.raises(type(by_probe.value)) as by_normalise:
+        normalise(data, max_pixels_full_decode=10**10, max_pixels=10**10)
+    assert by_probe.value.message == by_normalise.value.message
