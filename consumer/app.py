@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from consumer.broker import Broker
 from consumer.comfy import InstancePool
+from consumer.decode_budget import DecodeBudget
 from consumer.dispatcher import Dispatcher
 from consumer.events import EventPublisher, ReplyPolicy
 from consumer.fetch import ImageFetcher
@@ -152,6 +153,7 @@ class Service:
             PipelineConfig(
                 max_side=s.image_max_side,
                 max_pixels=s.image_max_pixels,
+                max_pixels_full_decode=s.image_max_pixels_full_decode,
                 png_level=s.image_png_compress_level,
                 max_attempts=s.max_attempts,
                 retry_backoff_s=s.retry_backoff_s,
@@ -165,6 +167,7 @@ class Service:
             outputs=outputs,
             notify=reporter,
             metrics=self.metrics,
+            decode_budget=DecodeBudget(s.image_decode_budget_bytes),
         )
         self._dispatcher = Dispatcher(
             pipeline=pipeline,
@@ -175,6 +178,7 @@ class Service:
             metrics=self.metrics,
             delivery_limit=s.amqp_delivery_limit,
             leases=Leases(store, self.name, s.lease_ttl_s),
+            prompts_adoptable=s.state_backend == "redis",  # a shared record names the prompt
         )
         self._intake = Intake(
             broker=broker,

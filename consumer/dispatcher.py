@@ -36,6 +36,7 @@ from contracts.models import TaskEvent
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
 
+    from consumer.comfy import PromptRun
     from consumer.jobs import BatchRef, Reply
     from consumer.leases import Leases
     from consumer.metrics import Metrics
@@ -53,7 +54,11 @@ STORE_RETRY_S = 1.0
 
 
 class Dispatcher:
-    """Starts, tracks, cancels and ends tasks."""
+    """Starts, tracks, cancels and ends tasks.
+
+    `prompts_adoptable`: the task store is shared (Redis), so a prompt this replica leaves on
+    an instance is adopted by the replica that gets the task next (see `drain`).
+    """
 
     def __init__(
         self,
@@ -66,8 +71,10 @@ class Dispatcher:
         metrics: Metrics,
         delivery_limit: int,
         leases: Leases,
+        prompts_adoptable: bool = False,
     ) -> None:
         self._leases = leases
+        self._prompts_adoptable = prompts_adoptable
         self._pipeline = pipeline
         self._reporter = reporter
         self._settler = settler
@@ -356,7 +363,9 @@ class Dispatcher:
         return await records.batch_task_ids(self._store, request.batch_id or "")
 
     async def drain(self, grace_s: float) -> None:
-        """Let running tasks finish for up to `grace_s`, then interrupt the rest (given back)."""
+        """Settle the fate of staged prompts (`_release_staged`), let running tasks finish for
+        up to `grace_s`, then interrupt the rest (given back)."""
+        self._release_staged()
         try:
             async with asyncio.timeout(grace_s):
                 await self._idle.wait()
@@ -367,6 +376,31 @@ class Dispatcher:
                 await self._interrupt_all()
         except TimeoutError:
             log.warning("%d task(s) did not stop in time", len(self._running))
+
+    def _release_staged(self) -> None:
+        """Prompts waiting in an instance's queue behind another, at the start of a shutdown.
+
+        Adoptable: each is left on its instance for good, so the replica that gets the task
+        after the grace adopts it (its record names the prompt) instead of running it again.
+        Otherwise no replica could find it: its task is cancelled now, which deletes the prompt
+        from the instance's queue and gives the delivery back, to run elsewhere at once.
+
+        Prompts running when the shutdown starts are still interrupted at grace-over, adoptable
+        or not: one that outlives the grace may be stuck, and an adopter neither counts it in
+        the instance's capacity nor interrupts it on a deadline (`Pipeline._adopt`).
+        """
+        staged = [
+            (run, task)
+            for job, task in self._running.values()
+            if (run := _staged_run(job)) is not None
+        ]
+        for run, task in staged:
+            if self._prompts_adoptable:
+                run.leave_for_adoption()
+            else:
+                task.cancel()
+        fate = "left for adoption" if self._prompts_adoptable else "deleted, tasks given back"
+        log.info("shutdown: %d staged prompt(s) %s", len(staged), fate)
 
     async def _interrupt_all(self) -> None:
         """Cancel every task (each interrupts its prompt), including any started meanwhile."""
@@ -399,6 +433,14 @@ def _cancelled(job: Job) -> TaskEvent:
     return job.error_event(
         EventKind.CANCELLED, ErrorCode.CANCELLED, "cancelled by its owner", retriable=False
     )
+
+
+def _staged_run(job: Job) -> PromptRun | None:
+    """The job's prompt while it waits in an instance's queue: submitted, not started."""
+    run = job.run
+    if run is None or run.started or run.done or job.cancel_requested:
+        return None
+    return run
 
 
 def _recall_previous_prompt(job: Job, record: TaskRecord | None) -> None:

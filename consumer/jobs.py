@@ -19,6 +19,7 @@ from contracts import ErrorCode, EventKind, TaskStatus
 from contracts.models import TaskError, TaskEvent, Timings, TransformRequest
 
 if TYPE_CHECKING:
+    from consumer.comfy import PromptRun
     from consumer.settle import Action
 
 STATUS_OF_EVENT = {
@@ -70,6 +71,7 @@ class Job:
     progress: int = 0
     cancel_requested: bool = False
     prompt_id: str | None = None
+    run: PromptRun | None = None  # the prompt on its instance, from submit until it ends
     settling: bool = False  # its ending is being performed: a cancel comes too late
     action: Action | None = None  # how its deliveries ended
     previous_prompt: tuple[str, str] | None = None  # (instance, prompt_id) of an earlier run

@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from consumer.decode_budget import DecodeBudget
 from consumer.errors import InstanceStuck, InstanceUnavailable, TaskTimeout, TransientError
 from consumer.fetch import ImageFetcher
-from consumer.images import NormalisedImage, normalise
+from consumer.images import NormalisedImage, normalise, probe, release_freed_memory
 from consumer.logs import ctx
 from consumer.storage import OutputStore, upload_presigned
 from consumer.workflows import RenderParams
@@ -50,6 +51,7 @@ class Progress(Protocol):
 class PipelineConfig:
     max_side: int = 1024
     max_pixels: int = 50_000_000
+    max_pixels_full_decode: int = 30_000_000  # PNG, WebP, HEIC: no reduced-scale decoding
     png_level: int = 0
     max_attempts: int = 3
     retry_backoff_s: float = 1.0
@@ -78,6 +80,7 @@ class Pipeline:
         outputs: OutputStore,
         notify: Progress,
         metrics: Metrics,
+        decode_budget: DecodeBudget,
     ) -> None:
         self._cfg = config
         self._fetcher = fetcher
@@ -85,6 +88,7 @@ class Pipeline:
         self._outputs = outputs
         self._notify = notify
         self._metrics = metrics
+        self._decode_budget = decode_budget
 
     async def run(self, job: Job) -> Result:
         """Run the job under its deadline; raises a ConsumerError when it cannot complete."""
@@ -128,9 +132,7 @@ class Pipeline:
         with self._stage(job, "download"):
             data = await self._fetcher.fetch(job.request.image_url)
         with self._stage(job, "normalise"):
-            return await asyncio.to_thread(
-                normalise, data, self._cfg.max_side, self._cfg.max_pixels, self._cfg.png_level
-            )
+            return await normalise_within(self._decode_budget, data, self._cfg)
 
     async def _execute_with_retries(
         self, job: Job, image: NormalisedImage
@@ -169,21 +171,28 @@ class Pipeline:
         name = f"{job.task_id}-{job.attempt}-{uuid.uuid4().hex[:8]}.png"
         ref = await client.upload_image(image.png, name, UPLOAD_SUBFOLDER)
         run = await client.submit(job.style.render(self._params(job, ref)))
-        job.prompt_id = run.prompt_id
+        job.prompt_id, job.run = run.prompt_id, run  # a shutdown acts on it: Dispatcher.drain
+        try:
+            await self._announce(job, run)
+            images = await self._wait_reporting(job, run, instance.name)
+        finally:
+            job.run = None
+        return [(img, await client.view(img)) for img in images]
+
+    async def _announce(self, job: Job, run: PromptRun) -> None:
+        """Record and publish the start; cancelled meanwhile, the prompt is withdrawn."""
         try:
             await self._notify.started(job)
         except asyncio.CancelledError:
             await asyncio.shield(run.cancel())
             raise
-        images = await self._wait_reporting(job, run, instance.name)
-        return [(img, await client.view(img)) for img in images]
 
     async def _wait_reporting(self, job: Job, run: PromptRun, instance: str) -> list[OutputImage]:
         """The prompt's outputs, its progress reported on the side.
 
         Progress publishing runs in a task of its own: a slow or blocked broker only delays
         progress events, never the prompt's outcome or its deadline. `run.wait` interrupts
-        the prompt on its deadline and on cancellation.
+        the prompt on its deadline and on cancellation (unless a shutdown left it for adoption).
         """
         reporter = asyncio.create_task(self._report_progress(job, run))
         try:
@@ -257,6 +266,38 @@ class Pipeline:
         self._metrics.stage_seconds.labels(stage).observe(elapsed_s)
         if stage in TIMING_KEYS:
             job.timings_ms[stage] = job.timings_ms.get(stage, 0) + round(elapsed_s * 1000)
+
+
+async def normalise_within(
+    budget: DecodeBudget, data: bytes, cfg: PipelineConfig
+) -> NormalisedImage:
+    """Read the header, wait for the decode's estimated memory in `budget`, then decode.
+
+    Both steps run in worker threads: the first call imports the HEIC plugin, and decoding
+    takes up to seconds of CPU.
+    """
+    found = await asyncio.to_thread(
+        probe,
+        data,
+        cfg.max_side,
+        cfg.max_pixels,
+        max_pixels_full_decode=cfg.max_pixels_full_decode,
+    )
+    return await budget.run_in_thread(found.estimated_decode_bytes, _normalise_released, data, cfg)
+
+
+def _normalise_released(data: bytes, cfg: PipelineConfig) -> NormalisedImage:
+    """Normalise, then hand the memory the decode freed back to the OS."""
+    try:
+        return normalise(
+            data,
+            cfg.max_side,
+            cfg.max_pixels,
+            cfg.png_level,
+            max_pixels_full_decode=cfg.max_pixels_full_decode,
+        )
+    finally:
+        release_freed_memory()
 
 
 def _content_type(filename: str) -> str:

@@ -74,6 +74,7 @@ class PromptRun:
         self._changed = asyncio.Event()
         self._closed = False
         self._cancel_requested = False
+        self._left_for_adoption = False
         self._seen_images: list[OutputImage] = []
 
     def __repr__(self) -> str:
@@ -172,11 +173,21 @@ class PromptRun:
             message = f"prompt {self.prompt_id} on {self._remote.base_url} ran past {timeout_s}s"
             raise TaskTimeout(f"{message}; interrupted it") from None
         except asyncio.CancelledError:
-            await self._abandon()
+            if not self._left_for_adoption:
+                await self._abandon()
             raise
         finally:
             self._close()
             self._remote.forget(self.prompt_id)
+
+    def leave_for_adoption(self) -> None:
+        """From now on, cancelling `wait()` leaves the prompt on the instance (neither deleted
+        from its queue nor interrupted), for the replica that gets the task next to adopt.
+
+        Only sound where that replica can find it: a shared task store that records the
+        prompt's id and instance. `cancel()` and `wait()`'s own deadline still stop it.
+        """
+        self._left_for_adoption = True
 
     async def cancel(self) -> None:
         """Delete the prompt if still queued, interrupt it if running; only ever this one."""
