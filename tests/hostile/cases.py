@@ -14,6 +14,7 @@ import pytest
 
 from tests.broker.ctl import wait_until
 from tests.faults.harness import FaultRun
+from tests.faults.test_poison_and_inputs import peek_dead_letter_headers
 
 ROWS = pytest.StashKey[list["HostileRow"]]()
 CASE_TIMEOUT_S = 20.0
@@ -114,7 +115,7 @@ class Cases:
             return await run.queue_depth(run.topology.dead) >= len(run.poison)
 
         await wait_until(arrived, CASE_TIMEOUT_S)
-        headers = await _peek_dead_headers(run, body)
+        headers = await peek_dead_letter_headers(run, body)
         return _text(headers.get("x-error-code"))
 
 
@@ -127,17 +128,3 @@ def _outcome(event: dict[str, Any] | None) -> str | None:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def _peek_dead_headers(run: FaultRun, body: bytes) -> dict[str, Any]:
-    """The headers of the dead letter carrying `body`; every dead letter stays queued."""
-    queue = await run.channel.declare_queue(run.topology.dead, passive=True)
-    held = []
-    try:
-        while (message := await queue.get(no_ack=False, fail=False)) is not None:
-            held.append(message)
-        found = [m for m in held if m.body == body]
-        return dict(found[-1].headers or {}) if found else {"x-error-code": "(none)"}
-    finally:
-        for message in held:
-            await message.nack(requeue=True)

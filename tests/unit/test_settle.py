@@ -73,17 +73,20 @@ def publisher() -> FakePublisher:
     return FakePublisher()
 
 
-@pytest.fixture
-def settler(store: MemoryTaskStore, publisher: FakePublisher) -> Settler:
+def make_settler(store: MemoryTaskStore, publisher: FakePublisher, deadline_s: float) -> Settler:
     metrics = Metrics()
-    reporter = Reporter(publisher, store, metrics, 0.5)  # type: ignore[arg-type]
     return Settler(
         store=store,
-        reporter=reporter,
+        reporter=Reporter(publisher, store, metrics, 0.5),  # type: ignore[arg-type]
         publisher=publisher,  # type: ignore[arg-type]
         metrics=metrics,
-        deadline_s=5.0,
+        deadline_s=deadline_s,
     )
+
+
+@pytest.fixture
+def settler(store: MemoryTaskStore, publisher: FakePublisher) -> Settler:
+    return make_settler(store, publisher, deadline_s=5.0)
 
 
 async def test_finished_records_publishes_replies_then_acks(store, publisher, settler):
@@ -119,14 +122,7 @@ async def test_finished_publishes_the_ending_that_won(store, publisher, settler)
 
 async def test_finished_during_a_broker_outage_is_given_back_not_counted(store, publisher):
     """Publishing never confirms before the deadline: nack(requeue), not reject."""
-    metrics = Metrics()
-    settler = Settler(
-        store=store,
-        reporter=Reporter(publisher, store, metrics, 0.5),  # type: ignore[arg-type]
-        publisher=publisher,  # type: ignore[arg-type]
-        metrics=metrics,
-        deadline_s=0.3,
-    )
+    settler = make_settler(store, publisher, deadline_s=0.3)
     await store.create(pending("t1"))
     publisher.fail_with = broker_down()
     message = FakeMessage()
@@ -174,14 +170,7 @@ async def test_refused_whose_dead_letter_fails_is_rejected_to_the_queues_dlx(pub
 
 async def test_refused_during_a_broker_outage_is_given_back(store, publisher):
     """The dead-letter exchange cannot confirm: nack, and the refusal is decided again later."""
-    metrics = Metrics()
-    settler = Settler(
-        store=store,
-        reporter=Reporter(publisher, store, metrics, 0.5),  # type: ignore[arg-type]
-        publisher=publisher,  # type: ignore[arg-type]
-        metrics=metrics,
-        deadline_s=0.3,
-    )
+    settler = make_settler(store, publisher, deadline_s=0.3)
     publisher.fail_with = broker_down()
     message = FakeMessage()
     await settler.settle([message], Refused(ErrorCode.INVALID_REQUEST, "bad"))
@@ -298,14 +287,7 @@ async def test_the_callers_cancellation_does_not_cut_a_settle_in_half(store, pub
 
 async def test_a_settle_that_hangs_ends_at_its_deadline(store, publisher):
     """A publish that never returns: the deadline gives the delivery back."""
-    metrics = Metrics()
-    settler = Settler(
-        store=store,
-        reporter=Reporter(publisher, store, metrics, 0.5),  # type: ignore[arg-type]
-        publisher=publisher,  # type: ignore[arg-type]
-        metrics=metrics,
-        deadline_s=0.2,
-    )
+    settler = make_settler(store, publisher, deadline_s=0.2)
     await store.create(pending("t1"))
     publisher.hold = asyncio.Event()  # never set
     message = FakeMessage()
