@@ -431,7 +431,7 @@ def _task_id(request: TransformRequest, message: AbstractIncomingMessage) -> str
 
 def _cancelled(job: Job) -> TaskEvent:
     return job.error_event(
-        EventKind.CANCELLED, ErrorCode.CANCELLED, "cancelled by its owner", retriable=False
+        EventKind.CANCELLED, ErrorCode.CANCELLED, records.CANCELLED_BY_OWNER, retriable=False
     )
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from contracts.models import BatchTransformRequest, TransformRequest
 
 log = logging.getLogger(__name__)
+CANCELLED_BY_OWNER = "cancelled by its owner"
 
 
 def new_record(job: Job) -> TaskRecord:
@@ -142,7 +143,7 @@ async def store_terminal(
 
 def cancelled_event(event: TaskEvent) -> TaskEvent:
     """`event` turned into the task's `cancelled` event."""
-    error = TaskError(code=ErrorCode.CANCELLED, message="cancelled by its owner", retriable=False)
+    error = TaskError(code=ErrorCode.CANCELLED, message=CANCELLED_BY_OWNER, retriable=False)
     return event.model_copy(
         update={
             "event": EventKind.CANCELLED,

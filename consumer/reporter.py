@@ -20,7 +20,7 @@ from contracts.models import BatchCompletedEvent
 
 if TYPE_CHECKING:
     from consumer.events import EventPublisher
-    from consumer.jobs import Job
+    from consumer.jobs import Job, Reply
     from consumer.metrics import Metrics
     from consumer.state import TaskStateStore
     from contracts.models import TaskEvent
@@ -86,15 +86,13 @@ class Reporter:
         level = logging.DEBUG if event.event == EventKind.PROGRESS else logging.INFO
         log.log(level, "event %s", event.event, extra=ctx(**_log_fields(event)))
 
-    async def terminal(
-        self, event: TaskEvent, reply_to: str | None, correlation_id: str | None
-    ) -> None:
+    async def terminal(self, event: TaskEvent, reply: Reply | None) -> None:
         """Publish a terminal event (and its RPC reply), retrying until confirmed."""
         self._last_progress_at.pop(event.task_id, None)
         await until_confirmed(lambda: self.publish(event))
-        if reply_to:
+        if reply is not None:
             await until_confirmed(
-                lambda: self._publisher.publish_reply(reply_to, correlation_id, event)
+                lambda: self._publisher.publish_reply(reply.reply_to, reply.correlation_id, event)
             )
 
 

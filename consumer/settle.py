@@ -220,7 +220,7 @@ class Settler:
 
     async def _finish(self, outcome: Finished) -> None:
         event = await records.store_terminal(self._store, outcome.event, outcome.details)
-        await self._announce(event, outcome.reply)
+        await self._reporter.terminal(event, outcome.reply)
         if outcome.batch is not None:
             await self._end_batch_task(event, outcome.batch)
 
@@ -228,7 +228,7 @@ class Settler:
         reason = safe_text(outcome.reason)
         if outcome.event is not None:
             await records.record_rejection(self._store, outcome.event)
-            await self._announce(outcome.event, outcome.reply)
+            await self._reporter.terminal(outcome.event, outcome.reply)
         await until_confirmed(lambda: self._publisher.dead_letter(message, outcome.code, reason))
         self._metrics.messages_rejected.labels(outcome.code.value).inc()
         self._metrics.messages_dead_lettered.labels(outcome.code.value).inc()
@@ -240,16 +240,9 @@ class Settler:
             return
         try:
             event = await records.store_terminal(self._store, outcome.event, {})
-            await self._announce(event, outcome.reply)
+            await self._reporter.terminal(event, outcome.reply)
         except Exception:
             log.exception("could not announce a crash", extra=ctx(task_id=outcome.event.task_id))
-
-    async def _announce(self, event: TaskEvent, reply: Reply | None) -> None:
-        """Publish the terminal event, then the reply, each until confirmed (or the deadline)."""
-        if reply is None:
-            await self._reporter.terminal(event, None, None)
-        else:
-            await self._reporter.terminal(event, reply.reply_to, reply.correlation_id)
 
     async def _end_batch_task(self, event: TaskEvent, batch: BatchRef) -> None:
         """Announce the batch once, from the replica whose task completed it."""
