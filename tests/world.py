@@ -55,6 +55,61 @@ class FakePipeline:
 
 
 @dataclass
+class Wiring:
+    """A dispatcher and its settle point over the memory store and a fake publisher."""
+
+    dispatcher: Dispatcher
+    settler: Settler
+    reporter: Reporter
+    store: MemoryTaskStore
+    publisher: FakePublisher
+    metrics: Metrics
+
+
+@asynccontextmanager
+async def dispatcher_world(
+    pipeline: Any,
+    *,
+    prompts_adoptable: bool = False,
+    delivery_limit: int = 5,
+    deadline_s: float = 5.0,
+    closing_grace_s: float = 1.0,
+) -> AsyncIterator[Wiring]:
+    """A running dispatcher whose tasks run `pipeline`; drained and closed at the end."""
+    metrics = Metrics()
+    store = MemoryTaskStore(ttl_s=3600)
+    publisher = FakePublisher()
+    reporter = Reporter(publisher, store, metrics, 0.0)  # type: ignore[arg-type]
+    settler = Settler(
+        store=store,
+        reporter=reporter,
+        publisher=publisher,  # type: ignore[arg-type]
+        metrics=metrics,
+        deadline_s=deadline_s,
+    )
+    dispatcher = Dispatcher(
+        pipeline=pipeline,
+        reporter=reporter,
+        settler=settler,
+        store=store,
+        catalog=CATALOG,
+        metrics=metrics,
+        delivery_limit=delivery_limit,
+        leases=Leases(store, "replica-test", 30.0),
+        prompts_adoptable=prompts_adoptable,
+    )
+    runner = asyncio.create_task(dispatcher.run())
+    try:
+        yield Wiring(dispatcher, settler, reporter, store, publisher, metrics)
+    finally:
+        async with asyncio.timeout(SETTLE_WAIT_S):
+            await dispatcher.drain(closing_grace_s)
+            dispatcher.close()
+            await runner
+            await settler.close()
+
+
+@dataclass
 class World:
     intake: Intake
     dispatcher: Dispatcher
@@ -72,6 +127,13 @@ class World:
                 await message.settled.wait()
                 await self.dispatcher._idle.wait()
 
+    async def deliver_held(self, message: FakeMessage) -> None:
+        """Deliver `message` with the pipeline held, and return once its task runs."""
+        self.pipeline.hold = asyncio.Event()
+        await self.deliver(message, settled=False)
+        async with asyncio.timeout(SETTLE_WAIT_S):
+            await self.pipeline.started.wait()
+
     async def cancel(self, message: FakeMessage) -> None:
         await self.intake._on_control(message)  # type: ignore[arg-type]
 
@@ -83,51 +145,27 @@ class World:
 async def intake_world(
     *, reply_to_pattern: str | None = None, delivery_limit: int = 5, deadline_s: float = 5.0
 ) -> AsyncIterator[World]:
-    metrics = Metrics()
-    store = MemoryTaskStore(ttl_s=3600)
-    publisher = FakePublisher()
     pipeline = FakePipeline()
-    reporter = Reporter(publisher, store, metrics, 0.0)  # type: ignore[arg-type]
-    settler = Settler(
-        store=store,
-        reporter=reporter,
-        publisher=publisher,  # type: ignore[arg-type]
-        metrics=metrics,
-        deadline_s=deadline_s,
-    )
-    dispatcher = Dispatcher(
-        pipeline=pipeline,  # type: ignore[arg-type]
-        reporter=reporter,
-        settler=settler,
-        store=store,
-        catalog=CATALOG,
-        metrics=metrics,
-        delivery_limit=delivery_limit,
-        leases=Leases(store, "replica-test", 30.0),
-    )
-    intake = Intake(
-        broker=None,  # type: ignore[arg-type]
-        topology=Topology("style"),
-        dispatcher=dispatcher,
-        settler=settler,
-        store=store,
-        publisher=publisher,  # type: ignore[arg-type]
-        replies=ReplyPolicy(reply_to_pattern),
-        pool=None,  # type: ignore[arg-type]
-        catalog=CATALOG,
-        metrics=metrics,
-        max_message_bytes=1024 * 1024,
-        max_in_flight=10,
-        delivery_limit=delivery_limit,
-    )
-    runner = asyncio.create_task(dispatcher.run())
-    try:
-        yield World(intake, dispatcher, settler, store, publisher, pipeline, metrics)
-    finally:
-        if pipeline.hold is not None:
-            pipeline.hold.set()
-        async with asyncio.timeout(SETTLE_WAIT_S):
-            await dispatcher.drain(1.0)
-            dispatcher.close()
-            await runner
-            await settler.close()
+    wiring = dispatcher_world(pipeline, delivery_limit=delivery_limit, deadline_s=deadline_s)
+    async with wiring as w:
+        intake = Intake(
+            broker=None,  # type: ignore[arg-type]
+            topology=Topology("style"),
+            dispatcher=w.dispatcher,
+            settler=w.settler,
+            store=w.store,
+            publisher=w.publisher,  # type: ignore[arg-type]
+            replies=ReplyPolicy(reply_to_pattern),
+            pool=None,  # type: ignore[arg-type]
+            catalog=CATALOG,
+            metrics=w.metrics,
+            max_message_bytes=1024 * 1024,
+            max_in_flight=10,
+            delivery_limit=delivery_limit,
+        )
+        world = World(intake, w.dispatcher, w.settler, w.store, w.publisher, pipeline, w.metrics)
+        try:
+            yield world
+        finally:
+            if pipeline.hold is not None:
+                pipeline.hold.set()

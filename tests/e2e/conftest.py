@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from consumer.settings import ComfyInstanceSettings, Settings, load_settings
+from consumer.state import RedisTaskStore
 from consumer.testing.comfyui_emulator import ComfyEmulator, Faults
 from consumer.topology import Topology
 from tests.e2e.harness import EventLog, PhotoHost, delete_topology, photo_host, subscribe
@@ -95,3 +97,15 @@ async def events(
     await declare_topology(channel, topology)
     async with subscribe(channel, topology) as log:
         yield log
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> AsyncIterator[RedisTaskStore]:
+    """A Redis task store under a key prefix of its own, deleted afterwards."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    store = RedisTaskStore.from_url(redis_url, ttl_s=3600, key_prefix=prefix)
+    yield store
+    keys = [key async for key in store._redis.scan_iter(f"{prefix}*")]
+    if keys:
+        await store._redis.delete(*keys)
+    await store.close()

@@ -10,24 +10,13 @@ from pathlib import Path
 import pytest
 
 from consumer.comfy import ComfyClient
-from consumer.state import RedisTaskStore, TaskRecord
+from consumer.state import TaskRecord
 from consumer.workflows import RenderParams, StyleCatalog
 from contracts import TaskStatus
 from tests.e2e.harness import jpeg_bytes, publish, request, running_service
 
 pytestmark = pytest.mark.connected
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
-
-
-@pytest.fixture
-async def redis_store(redis_url):
-    prefix = f"test-{uuid.uuid4().hex[:8]}:"
-    store = RedisTaskStore.from_url(redis_url, ttl_s=3600, key_prefix=prefix)
-    yield store
-    keys = [key async for key in store._redis.scan_iter(f"{prefix}*")]
-    if keys:
-        await store._redis.delete(*keys)
-    await store.close()
 
 
 @pytest.fixture

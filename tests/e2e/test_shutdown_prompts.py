@@ -13,7 +13,6 @@ import pytest
 
 from consumer.comfy.messages import QueueState, parse_history, parse_queue
 from consumer.settings import ComfyInstanceSettings
-from consumer.state import RedisTaskStore
 from tests.e2e.harness import WAIT_S, publish, request, running_service
 
 pytestmark = pytest.mark.connected
@@ -103,17 +102,6 @@ async def stage_two(channel, topology, events, photos, queue: QueueWatch) -> Sta
     state = await queue.wait_for(one_running_one_staged)
     (staged,), (runs,) = state.pending, state.running
     return Staged(first, other, runs, staged)
-
-
-@pytest.fixture
-async def redis_store(redis_url):
-    prefix = f"test-{uuid.uuid4().hex[:8]}:"
-    store = RedisTaskStore.from_url(redis_url, ttl_s=3600, key_prefix=prefix)
-    yield store
-    keys = [key async for key in store._redis.scan_iter(f"{prefix}*")]
-    if keys:
-        await store._redis.delete(*keys)
-    await store.close()
 
 
 @pytest.fixture

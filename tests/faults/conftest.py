@@ -15,6 +15,7 @@ import pytest
 
 from tests.faults.harness import FaultConfig, FaultRun, SummaryRow, open_fault_run
 from tests.faults.harness_broker import restore_broker
+from tests.summary import write_table
 
 ROWS = pytest.StashKey[list[SummaryRow]]()
 HEADER = ("scenario", "tasks", "terminal events", "duplicates", "lost", "seconds", "notes")
@@ -36,7 +37,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     rows = config.stash.get(ROWS, [])
     if not rows:
         return
-    cells = [HEADER] + [
+    cells = [
         (
             r.scenario,
             str(r.tasks),
@@ -48,14 +49,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
-    terminalreporter.section("fault suite summary")
-    for row in cells:
-        terminalreporter.write_line(
-            " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        )
     total_s = sum(r.seconds for r in rows)
-    terminalreporter.write_line(f"{len(rows)} scenario(s), {total_s:.1f} s in scenarios")
+    footer = f"{len(rows)} scenario(s), {total_s:.1f} s in scenarios"
+    write_table(terminalreporter, "fault suite summary", HEADER, cells, footer)
 
 
 RunFactory = Callable[..., AbstractAsyncContextManager[FaultRun]]

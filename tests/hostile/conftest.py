@@ -16,6 +16,7 @@ import pytest
 
 from tests.faults.harness import FaultConfig, FaultRun, open_fault_run
 from tests.hostile.cases import ROWS, HostileRow
+from tests.summary import write_table
 
 HEADER = ("case", "field", "expected", "got", "seconds")
 HERE = Path(__file__).parent
@@ -38,15 +39,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     rows: list[HostileRow] = config.stash.get(ROWS, [])
     if not rows:
         return
-    cells = [HEADER] + [(r.case, r.field, r.expected, r.got, f"{r.seconds:.2f}") for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
-    terminalreporter.section("hostile input summary")
-    for row in cells:
-        terminalreporter.write_line(
-            " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        )
+    cells = [(r.case, r.field, r.expected, r.got, f"{r.seconds:.2f}") for r in rows]
     held = sum(1 for r in rows if r.expected == r.got)
-    terminalreporter.write_line(f"{held} of {len(rows)} case(s) ended as expected")
+    footer = f"{held} of {len(rows)} case(s) ended as expected"
+    write_table(terminalreporter, "hostile input summary", HEADER, cells, footer)
 
 
 RunFactory = Callable[..., AbstractAsyncContextManager[FaultRun]]

@@ -223,11 +223,8 @@ async def test_the_owners_early_cancel_cancels_the_task_when_it_arrives():
 async def test_a_cancel_reaches_a_running_task():
     """Cancelled while running: `cancelled`, acked."""
     async with intake_world() as world:
-        world.pipeline.hold = asyncio.Event()
         delivery = message(request("t-1"))
-        await world.deliver(delivery, settled=False)
-        async with asyncio.timeout(5):
-            await world.pipeline.started.wait()
+        await world.deliver_held(delivery)
         await world.cancel(cancel(task_id="t-1"))
         async with asyncio.timeout(5):
             await delivery.settled.wait()
@@ -238,11 +235,8 @@ async def test_a_cancel_reaches_a_running_task():
 async def test_shutdown_gives_running_deliveries_back_with_nack():
     """Past the grace period a running task is interrupted and its delivery nacked."""
     async with intake_world() as world:
-        world.pipeline.hold = asyncio.Event()
         delivery = message(request("t-1"))
-        await world.deliver(delivery, settled=False)
-        async with asyncio.timeout(5):
-            await world.pipeline.started.wait()
+        await world.deliver_held(delivery)
         await world.dispatcher.drain(0.01)
         assert delivery.settlements == ["nack+requeue"]
         record = await world.store.get("t-1")
@@ -267,11 +261,10 @@ async def test_a_crash_is_requeued_and_counted_then_announced_on_the_last_delive
 async def test_a_redelivered_copy_attaches_and_both_are_acked():
     """A copy delivered while the task runs attaches to it; both end when it ends."""
     async with intake_world() as world:
-        world.pipeline.hold = asyncio.Event()
         first, copy = message(request("t-1")), message(request("t-1"))
-        await world.deliver(first, settled=False)
+        await world.deliver_held(first)
         await world.deliver(copy, settled=False)
-        world.pipeline.hold.set()
+        world.pipeline.hold.set()  # type: ignore[union-attr]
         async with asyncio.timeout(5):
             await asyncio.gather(first.settled.wait(), copy.settled.wait())
         assert first.settlements == copy.settlements == ["ack"]

@@ -18,17 +18,12 @@ import orjson
 
 from consumer.comfy import ComfyClient, PromptRun
 from consumer.dispatcher import Dispatcher
-from consumer.leases import Leases
-from consumer.metrics import Metrics
 from consumer.pipeline import Result
-from consumer.reporter import Reporter
-from consumer.settle import Settler
-from consumer.state import MemoryTaskStore
 from consumer.testing.comfyui_emulator import ComfyEmulator, Faults
 from contracts.models import TransformRequest
 from tests.comfy.helpers import FAST, invert_prompt, png_bytes
-from tests.fakes import FakeMessage, FakePublisher
-from tests.world import CATALOG, SETTLE_WAIT_S
+from tests.fakes import FakeMessage
+from tests.world import SETTLE_WAIT_S, dispatcher_world
 
 GRACE_S = 0.5
 
@@ -79,45 +74,22 @@ async def start_task(dispatcher: Dispatcher, pipeline: PromptPipeline, n: int) -
 
 @asynccontextmanager
 async def staged_world(tmp_path: Path, *, prompts_adoptable: bool) -> AsyncIterator[Staged]:
-    metrics, store, publisher = Metrics(), MemoryTaskStore(ttl_s=3600), FakePublisher()
-    reporter = Reporter(publisher, store, metrics, 0.0)  # type: ignore[arg-type]
-    settler = Settler(
-        store=store,
-        reporter=reporter,
-        publisher=publisher,  # type: ignore[arg-type]
-        metrics=metrics,
-        deadline_s=5.0,
-    )
     async with (
         ComfyEmulator(Faults(hang=True), output_dir=tmp_path / "comfy") as comfy,
         ComfyClient(comfy.url, timeouts=FAST) as client,
     ):
         assert await client.wait_connected()
         pipeline = PromptPipeline(client, await client.upload_image(png_bytes(), "staged.png"))
-        dispatcher = Dispatcher(
-            pipeline=pipeline,  # type: ignore[arg-type]
-            reporter=reporter,
-            settler=settler,
-            store=store,
-            catalog=CATALOG,
-            metrics=metrics,
-            delivery_limit=5,
-            leases=Leases(store, "replica-test", 30.0),
-            prompts_adoptable=prompts_adoptable,
+        wiring = dispatcher_world(
+            pipeline, prompts_adoptable=prompts_adoptable, closing_grace_s=0.0
         )
-        runner = asyncio.create_task(dispatcher.run())
-        try:
-            first = await start_task(dispatcher, pipeline, 1)
+        async with wiring as w:
+            first = await start_task(w.dispatcher, pipeline, 1)
             async with asyncio.timeout(SETTLE_WAIT_S):
                 await pipeline.runs[0].wait_started()
-            second = await start_task(dispatcher, pipeline, 2)
-            yield Staged(dispatcher, client, (first, pipeline.runs[0]), (second, pipeline.runs[1]))
-        finally:
-            async with asyncio.timeout(SETTLE_WAIT_S):
-                await dispatcher.drain(0.0)
-                dispatcher.close()
-                await runner
-                await settler.close()
+            second = await start_task(w.dispatcher, pipeline, 2)
+            running, staged = (first, pipeline.runs[0]), (second, pipeline.runs[1])
+            yield Staged(w.dispatcher, client, running, staged)
 
 
 async def test_a_staged_prompt_is_deleted_and_its_task_given_back_at_once(tmp_path):
