@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING
 
 from consumer import records
 from consumer.broker import delivery_count
-from consumer.errors import ConsumerError, InvalidRequest
+from consumer.errors import ConsumerError
 from consumer.jobs import Job, utcnow
 from consumer.logs import ctx
 from consumer.settle import Action, Crashed, Finished, Outcome, Returned, apply
+from consumer.state import task_key
 from contracts import ErrorCode, EventKind
 from contracts.ids import is_valid_id
 from contracts.models import TaskEvent
@@ -135,13 +136,14 @@ class Dispatcher:
         """
         await self._opened.wait()
         task_id = _task_id(request, message)
-        if (handles := self._handles_of(task_id)) is not None:
+        key = task_key(request.user_id, task_id)
+        if (handles := self._handles_of(key)) is not None:
             handles.append(message)  # a copy of a task this replica has in hand
             return None
         if self._closing.is_set():
             return Returned("shutting down")
         self._catalog.get(request.style_type)  # an unknown style is refused before anything
-        admission = self._admitting[task_id] = _Admission(request.user_id, [message])
+        admission = self._admitting[key] = _Admission([message])
         try:
             job = await self._admit(task_id, request, batch, reply, admission)
             if self._closing.is_set():  # shut down while it was admitted
@@ -150,14 +152,14 @@ class Dispatcher:
             await self._settler.settle(admission.handles[1:], Returned("its first copy failed"))
             raise
         finally:
-            del self._admitting[task_id]
+            del self._admitting[key]
         self._start(job)
         return None
 
-    def _handles_of(self, task_id: str) -> list[AbstractIncomingMessage] | None:
-        if (running := self._running.get(task_id)) is not None:
+    def _handles_of(self, key: str) -> list[AbstractIncomingMessage] | None:
+        if (running := self._running.get(key)) is not None:
             return running[0].handles
-        admission = self._admitting.get(task_id)
+        admission = self._admitting.get(key)
         return admission.handles if admission else None
 
     async def _admit(
@@ -168,9 +170,7 @@ class Dispatcher:
         reply: Reply | None,
         admission: _Admission,
     ) -> Job:
-        record = await self._store.get(task_id)
-        if record is not None and record.user_id != request.user_id:
-            raise InvalidRequest(f"task_id {task_id!r} is already used by another user")
+        record = await self._store.get(task_key(request.user_id, task_id))
         job = Job(
             task_id=task_id,
             request=request,
@@ -196,8 +196,8 @@ class Dispatcher:
     def _start(self, job: Job) -> None:
         if self._group is None:
             raise RuntimeError("the dispatcher is not running")
-        task = self._group.create_task(self._run(job), name=f"task-{job.task_id}")
-        self._running[job.task_id] = (job, task)
+        task = self._group.create_task(self._run(job), name=f"task-{job.key}")
+        self._running[job.key] = (job, task)
         self._idle.clear()
         self._metrics.tasks_in_flight.set(len(self._running))
 
@@ -227,16 +227,16 @@ class Dispatcher:
 
     async def _run_leased(self, job: Job) -> None:
         """Run the task under its lease; the lease is held until its ending is recorded."""
-        ended = await self._leases.acquire(job.task_id)
+        ended = await self._leases.acquire(job.key)
         if ended is not None:  # another replica ended it while we waited
             await self._settle(job, self._from_store(job, ended))
             return
-        async with self._leases.held(job.task_id):
+        async with self._leases.held(job.key):
             outcome = await self._decide(job)
             await self._settle(job, outcome)
 
     async def _decide(self, job: Job) -> Outcome:
-        record = await self._store.get(job.task_id)
+        record = await self._store.get(job.key)
         if record is not None and record.status.is_terminal:  # e.g. cancelled meanwhile
             return self._from_store(job, record)
         if job.cancel_requested:
@@ -314,8 +314,8 @@ class Dispatcher:
 
     async def _forget(self, job: Job) -> None:
         """Drop the ended task from the running ones."""
-        if self._running.get(job.task_id, (None,))[0] is job:
-            del self._running[job.task_id]
+        if self._running.get(job.key, (None,))[0] is job:
+            del self._running[job.key]
         self._ended.set()
         self._ended = asyncio.Event()
         self._metrics.tasks_in_flight.set(len(self._running))
@@ -347,20 +347,21 @@ class Dispatcher:
                 task.cancel()
                 found += 1
         for task_id in await self._cancel_targets(request):
-            if task_id in self._running:
+            key = task_key(request.user_id, task_id)
+            if key in self._running:
                 continue
-            if (admission := self._admitting.get(task_id)) is not None:
-                if admission.user_id == request.user_id:
-                    admission.cancelled = True
-                    found += 1
+            if (admission := self._admitting.get(key)) is not None:
+                admission.cancelled = True
+                found += 1
                 continue
-            found += await records.tombstone(self._store, task_id, request.user_id)
+            found += await records.tombstone(self._store, request.user_id, task_id)
         return found
 
     async def _cancel_targets(self, request: CancelRequest) -> list[str]:
         if request.task_id is not None:
             return [request.task_id]
-        return await records.batch_task_ids(self._store, request.batch_id or "")
+        user_id, batch_id = request.user_id, request.batch_id or ""
+        return await records.batch_task_ids(self._store, user_id, batch_id)
 
     async def drain(self, grace_s: float) -> None:
         """Settle the fate of staged prompts (`_release_staged`), let running tasks finish for
@@ -415,7 +416,6 @@ class Dispatcher:
 class _Admission:
     """A delivery being admitted: copies that arrive meanwhile attach to it."""
 
-    user_id: str
     handles: list[AbstractIncomingMessage]
     cancelled: bool = False
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.state import task_key
 from consumer.workflows import Style
 from contracts import ErrorCode, EventKind, TaskStatus
 from contracts.models import TaskError, TaskEvent, Timings, TransformRequest
@@ -81,6 +82,11 @@ class Job:
     @property
     def user_id(self) -> str:
         return self.request.user_id
+
+    @property
+    def key(self) -> str:
+        """Where the task lives in the store: task ids are scoped by their user."""
+        return task_key(self.user_id, self.task_id)
 
     @property
     def prompt(self) -> str:

@@ -30,43 +30,43 @@ class Leases:
         self.owner = owner
         self._ttl_s = ttl_s
 
-    async def acquire(self, task_id: str) -> TaskRecord | None:
+    async def acquire(self, key: str) -> TaskRecord | None:
         """Wait for the lease; returns the task's record instead if it ended meanwhile."""
-        while not await self._store.acquire_lease(task_id, self.owner, self._ttl_s):
-            record = await self._store.get(task_id)
+        while not await self._store.acquire_lease(key, self.owner, self._ttl_s):
+            record = await self._store.get(key)
             if record is not None and record.status.is_terminal:
                 return record
-            log.info("task leased by another replica; waiting", extra=ctx(task_id=task_id))
+            log.info("task leased by another replica; waiting", extra=ctx(task_id=key))
             await asyncio.sleep(self._ttl_s / 3)  # a lease held elsewhere has no push
         return None
 
     @asynccontextmanager
-    async def held(self, task_id: str) -> AsyncIterator[None]:
+    async def held(self, key: str) -> AsyncIterator[None]:
         """Renew the lease while the block runs; release it afterwards, whatever happens."""
         try:
             async with asyncio.TaskGroup() as group:
-                keeper = group.create_task(self._keep(task_id))
+                keeper = group.create_task(self._keep(key))
                 try:
                     yield
                 finally:
                     keeper.cancel()
         finally:
-            await asyncio.shield(self._release(task_id))
+            await asyncio.shield(self._release(key))
 
-    async def _keep(self, task_id: str) -> None:
+    async def _keep(self, key: str) -> None:
         """A store hiccup must not touch the task: renewal failures are only logged."""
         while True:
             await asyncio.sleep(self._ttl_s / 3)
             try:
-                renewed = await self._store.renew_lease(task_id, self.owner, self._ttl_s)
+                renewed = await self._store.renew_lease(key, self.owner, self._ttl_s)
             except Exception as exc:
-                log.warning("lease renewal failed: %s", exc, extra=ctx(task_id=task_id))
+                log.warning("lease renewal failed: %s", exc, extra=ctx(task_id=key))
                 continue
             if not renewed:
-                log.warning("task lease lost", extra=ctx(task_id=task_id))
+                log.warning("task lease lost", extra=ctx(task_id=key))
 
-    async def _release(self, task_id: str) -> None:
+    async def _release(self, key: str) -> None:
         try:
-            await self._store.release_lease(task_id, self.owner)
+            await self._store.release_lease(key, self.owner)
         except Exception as exc:  # it expires by itself
-            log.warning("could not release the lease of %s: %s", task_id, exc)
+            log.warning("could not release the lease of %s: %s", key, exc)

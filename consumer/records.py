@@ -9,7 +9,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from consumer.jobs import utcnow
-from consumer.state import TaskRecord
+from consumer.state import TaskRecord, task_key
 from contracts import ErrorCode, EventKind, TaskStatus
 from contracts.ids import MAX_BATCH_SIZE, batch_task_id
 from contracts.models import BatchCompletedEvent, TaskError, TaskEvent
@@ -81,37 +81,36 @@ async def batch_owned(store: TaskStateStore, ref: BatchRef, request: TransformRe
     """Whether `ref` names the batch task this request is, of a batch its sender owns."""
     if request.task_id != batch_task_id(ref.batch_id, ref.index):
         return False
-    record = await store.get(request.task_id)
-    return (
-        record is not None and record.batch_id == ref.batch_id and record.user_id == request.user_id
-    )
+    record = await store.get(task_key(request.user_id, request.task_id))
+    return record is not None and record.batch_id == ref.batch_id
 
 
-async def batch_task_ids(store: TaskStateStore, batch_id: str) -> list[str]:
-    """The recorded tasks of a batch, in order."""
+async def batch_task_ids(store: TaskStateStore, user_id: str, batch_id: str) -> list[str]:
+    """The recorded tasks of `user_id`'s batch, in order."""
     ids = []
     for index in range(MAX_BATCH_SIZE):
         task_id = batch_task_id(batch_id, index)
-        if await store.get(task_id) is None:
+        if await store.get(task_key(user_id, task_id)) is None:
             break
         ids.append(task_id)
     return ids
 
 
-async def tombstone(store: TaskStateStore, task_id: str, user_id: str) -> bool:
+async def tombstone(store: TaskStateStore, user_id: str, task_id: str) -> bool:
     """Cancel a task of `user_id` that waits in the queue, or that was not seen yet.
 
-    An unseen id creates no task record (that would squat the id): the cancel is remembered
-    for this user only, and the task is cancelled when its request arrives. A task being
-    processed is cancelled by the replica running it, which gets the same cancel.
+    An unseen id creates no task record: the cancel is remembered, and the task is cancelled
+    when its request arrives. A task being processed is cancelled by the replica running it,
+    which gets the same cancel.
     """
-    record = await store.get(task_id)
+    key = task_key(user_id, task_id)
+    record = await store.get(key)
     if record is None:
         await store.add_cancel(user_id, task_id)
         return True
-    if record.user_id != user_id or record.status is not TaskStatus.PENDING:
+    if record.status is not TaskStatus.PENDING:
         return False
-    return await store.update(task_id, status=TaskStatus.CANCELLED) is not None
+    return await store.update(key, status=TaskStatus.CANCELLED) is not None
 
 
 async def store_terminal(
@@ -128,15 +127,16 @@ async def store_terminal(
         "output_image_urls": event.output_image_urls,
         "error": event.error.model_dump(mode="json") if event.error else None,
     }
-    if await store.update(event.task_id, **changes, **details) is not None:
+    key = task_key(event.user_id, event.task_id)
+    if await store.update(key, **changes, **details) is not None:
         return event
-    stored = await store.get(event.task_id)
+    stored = await store.get(key)
     if stored is not None and stored.terminal_event is not None:
         return TaskEvent.model_validate_json(stored.terminal_event)  # another ending won
     if stored is not None and stored.status is TaskStatus.CANCELLED:
         return cancelled_event(event)  # its owner cancelled it while it was pending
     # Refused for a detail (e.g. a stale progress figure): the ending still counts.
-    if stored is not None and await store.update(event.task_id, **changes) is None:
+    if stored is not None and await store.update(key, **changes) is None:
         log.error("the store refused the end of %s", event.task_id)
     return event
 
@@ -160,7 +160,8 @@ async def batch_completion(
 ) -> BatchCompletedEvent:
     """The batch's `batch.completed` event, from the records of its tasks."""
     task_ids = [batch_task_id(batch.batch_id, i) for i in range(batch.size)]
-    statuses = [record.status for record in await _records(store, task_ids) if record]
+    keys = [task_key(event.user_id, task_id) for task_id in task_ids]
+    statuses = [record.status for record in await _records(store, keys) if record]
     return BatchCompletedEvent(
         # Announced once; re-announced (same id) only when a replica died while announcing.
         event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"batch.completed/{batch.batch_id}").hex,
@@ -176,5 +177,5 @@ async def batch_completion(
     )
 
 
-async def _records(store: TaskStateStore, task_ids: list[str]) -> list[TaskRecord | None]:
-    return [await store.get(task_id) for task_id in task_ids]
+async def _records(store: TaskStateStore, keys: list[str]) -> list[TaskRecord | None]:
+    return [await store.get(key) for key in keys]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from consumer.errors import BrokerUnavailable, TransientError
 from consumer.events import until_confirmed
 from consumer.logs import ctx
+from consumer.state import task_key
 from contracts import EventKind, TaskStatus
 from contracts.models import BatchCompletedEvent
 
@@ -50,7 +51,7 @@ class Reporter:
 
     async def started(self, job: Job) -> None:
         await self._store.update(
-            job.task_id,
+            job.key,
             status=TaskStatus.PROCESSING,
             instance=job.instance,
             prompt_id=job.prompt_id,
@@ -61,12 +62,12 @@ class Reporter:
 
     async def progress(self, job: Job, percent: int) -> None:
         now = time.monotonic()
-        last_at = self._last_progress_at.get(job.task_id)
+        last_at = self._last_progress_at.get(job.key)
         if percent <= job.progress or (last_at is not None and now - last_at < self._interval_s):
             return
         job.progress = percent
-        self._last_progress_at[job.task_id] = now
-        await self._store.update(job.task_id, progress=percent)
+        self._last_progress_at[job.key] = now
+        await self._store.update(job.key, progress=percent)
         try:
             await self.publish(job.event(EventKind.PROGRESS))
         except BrokerUnavailable as exc:
@@ -75,7 +76,7 @@ class Reporter:
     async def retrying(self, job: Job, error: TransientError, delay_s: float) -> None:
         """Announce attempt `job.attempt` (already counted) after `error` ended the last one."""
         job.progress = 0
-        await self._store.update(job.task_id, attempt=job.attempt, progress=0)
+        await self._store.update(job.key, attempt=job.attempt, progress=0)
         event = job.error_event(EventKind.RETRYING, error.code, error.message, retriable=True)
         await until_confirmed(lambda: self.publish(event))
         log.info("retry in %.1fs", delay_s, extra=ctx(task_id=job.task_id))
@@ -88,7 +89,7 @@ class Reporter:
 
     async def terminal(self, event: TaskEvent, reply: Reply | None) -> None:
         """Publish a terminal event (and its RPC reply), retrying until confirmed."""
-        self._last_progress_at.pop(event.task_id, None)
+        self._last_progress_at.pop(task_key(event.user_id, event.task_id), None)
         await until_confirmed(lambda: self.publish(event))
         if reply is not None:
             await until_confirmed(

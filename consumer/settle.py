@@ -30,6 +30,7 @@ from consumer import records
 from consumer.errors import TransientError
 from consumer.events import until_confirmed
 from consumer.logs import ctx
+from consumer.state import task_key
 from contracts import ErrorCode
 
 if TYPE_CHECKING:
@@ -246,14 +247,15 @@ class Settler:
 
     async def _end_batch_task(self, event: TaskEvent, batch: BatchRef) -> None:
         """Announce the batch once, from the replica whose task completed it."""
+        batch_key = task_key(event.user_id, batch.batch_id)  # batch ids are scoped too
         won = await self._store.end_batch_task(
-            batch.batch_id, event.task_id, batch.size, BATCH_CLAIM_TTL_S
+            batch_key, event.task_id, batch.size, BATCH_CLAIM_TTL_S
         )
         if not won:
             return
         done = await records.batch_completion(self._store, event, batch)
         await until_confirmed(lambda: self._reporter.publish(done))
-        await self._store.confirm_batch_announced(batch.batch_id)
+        await self._store.confirm_batch_announced(batch_key)
         log.info("batch completed", extra=ctx(batch_id=batch.batch_id, user_id=event.user_id))
 
     async def _is_outage(self, exc: Exception) -> bool:

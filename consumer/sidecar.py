@@ -16,18 +16,18 @@ import orjson
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from contracts.ids import is_valid_id
+from consumer.state import task_key
+from contracts.ids import USER_ID_PATTERN, is_valid_id
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from prometheus_client import CollectorRegistry
 
-    from consumer.state import TaskStateStore
+    from consumer.state import TaskRecord, TaskStateStore
     from consumer.storage import LocalOutputStore
 
 MAX_LIST_LIMIT = 500
-USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class ServiceView(Protocol):
@@ -108,11 +108,29 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def task(request: web.Request) -> web.Response:
-    task_id = request.match_info["task_id"]
-    record = await request.app[DEPS].store.get(task_id) if is_valid_id(task_id) else None
-    if record is None:
+    """A task by id; `?user_id=` names its owner, needed only when several users used the id."""
+    task_id, user_id = request.match_info["task_id"], request.query.get("user_id")
+    if user_id is not None and not is_valid_id(user_id, USER_ID_PATTERN):
+        return _error(400, "invalid_request", "user_id must match " + USER_ID_PATTERN)
+    found = await _tasks_named(request.app[DEPS].store, task_id, user_id)
+    if not found:
         return _error(404, "not_found", f"no task {task_id!r}")
-    return _json(record.model_dump(mode="json", exclude={"terminal_event"}))
+    if len(found) > 1:
+        message = f"several users have a task {task_id!r}: add ?user_id=<owner>"
+        return _error(409, "ambiguous", message)
+    return _json(found[0].model_dump(mode="json", exclude={"terminal_event"}))
+
+
+async def _tasks_named(
+    store: TaskStateStore, task_id: str, user_id: str | None
+) -> list[TaskRecord]:
+    """Task ids are scoped by user: the owner's task, or (at most two of) everyone's."""
+    if not is_valid_id(task_id):
+        return []
+    if user_id is None:
+        return await store.find(task_id, limit=2)
+    record = await store.get(task_key(user_id, task_id))
+    return [] if record is None else [record]
 
 
 async def user_tasks(request: web.Request) -> web.Response:

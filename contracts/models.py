@@ -109,8 +109,8 @@ class TransformRequest(_StyleParams):
 
     task_id: TaskId | None = Field(
         default=None,
-        description="Idempotency key: a task_id seen before is not run twice. Absent: the AMQP "
-        "message_id, else a fresh UUID4.",
+        description="Idempotency key, per user: a task_id this user_id sent before is not run "
+        "twice. Absent: the AMQP message_id, else a fresh UUID4.",
     )
     image_url: HttpUrl = Field(description="The photo, fetched with GET.")
     output: OutputTarget | None = Field(

@@ -1,5 +1,9 @@
 """Where a task's state lives between its events: one Protocol, one rule set, two stores.
 
+A record belongs to its user: it is stored under `task_key(user_id, task_id)`, so two users
+may use the same task id and neither can claim the other's. Reads, updates and leases take
+that key; `find` is the one way from a bare task id to the records (of any user) that use it.
+
 `apply_changes` is the one place that says how a record may change; both stores call it
 inside their atomic step (a plain method call for memory, WATCH/MULTI for Redis):
 
@@ -15,10 +19,11 @@ Leases (`acquire_lease` and friends) say which consumer runs a task; they expire
 Two kinds of bookkeeping live beside the records, and expire after `ttl_s` as they do:
 
 - Early cancels (`add_cancel`): a cancel for a task id not seen yet is remembered for the
-  user who sent it, never as a record, so it cannot claim an id another user owns. At most
-  MAX_CANCELS_PER_USER per user; the oldest go first.
+  user who sent it, never as a record, so it creates nothing the user's real request would
+  find in its way. At most MAX_CANCELS_PER_USER per user; the oldest go first.
 - Batch completion (`end_batch_task`): the set of a batch's ended task ids, counted
-  atomically, plus a claim that lets exactly one caller announce the complete batch. An
+  atomically, plus a claim that lets exactly one caller announce the complete batch. The
+  batch id is any string (callers make it per user with `task_key(user_id, batch_id)`). An
   unconfirmed claim lapses after `claim_ttl_s` (the announcer died), so a later call may
   announce instead; `confirm_batch_announced` keeps it for good (`ttl_s`).
 """
@@ -44,6 +49,7 @@ __all__ = [
     "TaskRecord",
     "TaskStateStore",
     "apply_changes",
+    "task_key",
     "utcnow",
 ]
 
@@ -53,6 +59,12 @@ MAX_CANCELS_PER_USER = 1000  # early cancels remembered per user; the oldest are
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def task_key(user_id: str, task_id: str) -> str:
+    """Where the user's task is stored. Neither id may hold a "/" (the contracts' patterns
+    forbid it), so the key names exactly one (user, task) pair."""
+    return f"{user_id}/{task_id}"
 
 
 class TaskRecord(BaseModel):
@@ -80,6 +92,11 @@ class TaskRecord(BaseModel):
     updated_at: datetime = Field(default_factory=utcnow)
     terminal_event: str | None = None  # the terminal event's JSON as published, to re-publish
 
+    @property
+    def key(self) -> str:
+        """The store key of this record: `task_key(user_id, task_id)`."""
+        return task_key(self.user_id, self.task_id)
+
 
 class TaskCounts(TypedDict):
     """Live records by status (every status, zeros included) and by style (non-zero only)."""
@@ -89,31 +106,37 @@ class TaskCounts(TypedDict):
 
 
 class TaskStateStore(Protocol):
-    """Task records and run leases. Every method is atomic on its own."""
+    """Task records and run leases. Every method is atomic on its own.
+
+    A `key` is `task_key(user_id, task_id)`; `record.key` gives a record's own.
+    """
 
     async def create(self, record: TaskRecord) -> bool:
-        """Store a new record; False (and nothing written) when the task id exists."""
+        """Store a new record under `record.key`; False (nothing written) when that key exists."""
 
-    async def get(self, task_id: str) -> TaskRecord | None: ...
+    async def get(self, key: str) -> TaskRecord | None: ...
 
-    async def update(self, task_id: str, **changes: Any) -> TaskRecord | None:
+    async def update(self, key: str, **changes: Any) -> TaskRecord | None:
         """The record after `changes` (see the module rules); None if missing or refused."""
+
+    async def find(self, task_id: str, limit: int = 10) -> list[TaskRecord]:
+        """The live records of any user with this bare task id: oldest first, at most `limit`."""
 
     async def list_for_user(self, user_id: str, limit: int) -> list[TaskRecord]:
         """The user's newest `limit` records, newest first."""
 
     async def counts(self) -> TaskCounts: ...
 
-    async def acquire_lease(self, task_id: str, owner: str, ttl_s: float) -> bool:
+    async def acquire_lease(self, key: str, owner: str, ttl_s: float) -> bool:
         """Take the task's lease when free or expired (or already `owner`'s: then extend it)."""
 
-    async def renew_lease(self, task_id: str, owner: str, ttl_s: float) -> bool:
+    async def renew_lease(self, key: str, owner: str, ttl_s: float) -> bool:
         """Extend the lease only while `owner` holds it."""
 
-    async def release_lease(self, task_id: str, owner: str) -> None:
+    async def release_lease(self, key: str, owner: str) -> None:
         """Drop the lease if `owner` holds it; another owner's lease is left alone."""
 
-    async def lease_owner(self, task_id: str) -> str | None: ...
+    async def lease_owner(self, key: str) -> str | None: ...
 
     async def add_cancel(self, user_id: str, task_id: str) -> None:
         """Remember that `user_id` cancelled `task_id` before it was seen (creates no record)."""

@@ -1,7 +1,8 @@
 """An in-process TaskStateStore, for tests and a single replica.
 
 Every method runs without awaiting, so each is atomic on the event loop. Queries cost
-O(their result): status and style counters and a per-user index change with every write.
+O(their result): status and style counters, a per-user and a per-task-id index change with
+every write. Records, leases and batches are keyed by the caller's key (see `task_key`).
 
 Expiry needs no sweeper task. Records, early cancels and batches all live `ttl_s` from when
 they were written, so write order is expiry order: each table is an OrderedDict, and every
@@ -24,21 +25,21 @@ from consumer.state import MAX_CANCELS_PER_USER, TaskCounts, TaskRecord, apply_c
 from contracts.enums import TaskStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
 MAX_CANCELS = 100_000  # early cancels of all users together; the oldest are dropped
 
-UserKey = tuple[float, int, str]  # created_at timestamp, creation sequence, task id
+IndexKey = tuple[float, int, str]  # created_at timestamp, creation sequence, record key
 
 
 @dataclass(slots=True)
 class _Entry:
     record: TaskRecord
     expires_at: float
-    user_key: UserKey
+    index_key: IndexKey
 
 
 @dataclass(slots=True)
@@ -65,29 +66,50 @@ def _bump(counter: Counter[str], key: str, delta: int) -> None:
         del counter[key]
 
 
+class _Index:
+    """Record keys grouped by a name (a user, a task id), each group sorted oldest first."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, list[IndexKey]] = {}
+
+    def group(self, name: str) -> list[IndexKey]:
+        return self._groups.get(name, [])
+
+    def add(self, name: str, index_key: IndexKey) -> None:
+        bisect.insort(self._groups.setdefault(name, []), index_key)
+
+    def remove(self, name: str, index_key: IndexKey) -> None:
+        group = self._groups[name]
+        del group[bisect.bisect_left(group, index_key)]
+        if not group:
+            del self._groups[name]
+
+
 class _Records:
-    """Records in creation (= expiry) order, with the counters and user index queries read."""
+    """Records in creation (= expiry) order, with the counters and indexes queries read."""
 
     def __init__(self) -> None:
         self.entries: OrderedDict[str, _Entry] = OrderedDict()
         self.by_status: Counter[str] = Counter()
         self.by_style: Counter[str] = Counter()
-        self._by_user: dict[str, list[UserKey]] = {}  # sorted: oldest first
+        self._by_user = _Index()
+        self._by_task_id = _Index()
         self._sequence = itertools.count()
 
-    def get(self, task_id: str) -> TaskRecord | None:
-        entry = self.entries.get(task_id)
+    def get(self, key: str) -> TaskRecord | None:
+        entry = self.entries.get(key)
         return None if entry is None else entry.record
 
     def add(self, record: TaskRecord, expires_at: float) -> None:
-        user_key = (record.created_at.timestamp(), next(self._sequence), record.task_id)
-        self.entries[record.task_id] = _Entry(record, expires_at, user_key)
-        bisect.insort(self._by_user.setdefault(record.user_id, []), user_key)
+        index_key = (record.created_at.timestamp(), next(self._sequence), record.key)
+        self.entries[record.key] = _Entry(record, expires_at, index_key)
+        self._by_user.add(record.user_id, index_key)
+        self._by_task_id.add(record.task_id, index_key)
         self._count(record, 1)
 
     def replace(self, new: TaskRecord) -> None:
         """Put `new` in place of its record (task id, user and created_at are unchanged)."""
-        entry = self.entries[new.task_id]
+        entry = self.entries[new.key]
         self._count(entry.record, -1)
         self._count(new, 1)
         entry.record = new
@@ -96,23 +118,29 @@ class _Records:
         """The user's newest `limit` records, newest first (ties: the later created first)."""
         if limit <= 0:
             return []
-        index = self._by_user.get(user_id, [])
-        return [self.entries[task_id].record for *_, task_id in reversed(index[-limit:])]
+        return self._records(reversed(self._by_user.group(user_id)[-limit:]))
+
+    def oldest(self, task_id: str, limit: int) -> list[TaskRecord]:
+        """The oldest `limit` records of any user with this task id, oldest first."""
+        if limit <= 0:
+            return []
+        return self._records(self._by_task_id.group(task_id)[:limit])
 
     def expire(self, now: float) -> int:
         dropped = 0
-        while (task_id := _first_expired(self.entries, _until, now)) is not None:
-            self._drop(task_id)
+        while (key := _first_expired(self.entries, _until, now)) is not None:
+            self._drop(key)
             dropped += 1
         return dropped
 
-    def _drop(self, task_id: str) -> None:
-        entry = self.entries.pop(task_id)
+    def _records(self, index_keys: Iterable[IndexKey]) -> list[TaskRecord]:
+        return [self.entries[key].record for *_, key in index_keys]
+
+    def _drop(self, key: str) -> None:
+        entry = self.entries.pop(key)
         self._count(entry.record, -1)
-        index = self._by_user[entry.record.user_id]
-        del index[bisect.bisect_left(index, entry.user_key)]
-        if not index:
-            del self._by_user[entry.record.user_id]
+        self._by_user.remove(entry.record.user_id, entry.index_key)
+        self._by_task_id.remove(entry.record.task_id, entry.index_key)
 
     def _count(self, record: TaskRecord, delta: int) -> None:
         _bump(self.by_status, record.status.value, delta)
@@ -125,30 +153,30 @@ def _until(entry: _Entry | _Batch) -> float:
 
 
 class _Leases:
-    """Lease owners; a heap of (expires at, task id) finds the expired ones."""
+    """Lease owners by record key; a heap of (expires at, key) finds the expired ones."""
 
     def __init__(self) -> None:
         self.holders: dict[str, tuple[str, float]] = {}  # owner, expires at
         self._heap: list[tuple[float, str]] = []  # stale entries pop harmlessly
 
-    def holder(self, task_id: str) -> str | None:
-        entry = self.holders.get(task_id)
+    def holder(self, key: str) -> str | None:
+        entry = self.holders.get(key)
         return None if entry is None else entry[0]
 
-    def hold(self, task_id: str, owner: str, until: float) -> None:
-        self.holders[task_id] = (owner, until)
-        heapq.heappush(self._heap, (until, task_id))
+    def hold(self, key: str, owner: str, until: float) -> None:
+        self.holders[key] = (owner, until)
+        heapq.heappush(self._heap, (until, key))
 
-    def release(self, task_id: str, owner: str) -> None:
-        if self.holder(task_id) == owner:
-            del self.holders[task_id]
+    def release(self, key: str, owner: str) -> None:
+        if self.holder(key) == owner:
+            del self.holders[key]
 
     def expire(self, now: float) -> None:
         while self._heap and self._heap[0][0] <= now:
-            _, task_id = heapq.heappop(self._heap)
-            entry = self.holders.get(task_id)
+            _, key = heapq.heappop(self._heap)
+            entry = self.holders.get(key)
             if entry is not None and entry[1] <= now:  # not renewed since that push
-                del self.holders[task_id]
+                del self.holders[key]
 
 
 class _Cancels:
@@ -216,24 +244,28 @@ class MemoryTaskStore:
 
     async def create(self, record: TaskRecord) -> bool:
         now = self._now()
-        if self._records.get(record.task_id) is not None:
+        if self._records.get(record.key) is not None:
             return False
         self._records.add(record, now + self._ttl_s)
         return True
 
-    async def get(self, task_id: str) -> TaskRecord | None:
+    async def get(self, key: str) -> TaskRecord | None:
         self._now()
-        return self._records.get(task_id)
+        return self._records.get(key)
 
-    async def update(self, task_id: str, **changes: Any) -> TaskRecord | None:
+    async def update(self, key: str, **changes: Any) -> TaskRecord | None:
         self._now()
-        current = self._records.get(task_id)
+        current = self._records.get(key)
         if current is None:
             return None
         new = apply_changes(current, changes, utcnow())
         if new is not None and new is not current:
             self._records.replace(new)
         return new
+
+    async def find(self, task_id: str, limit: int = 10) -> list[TaskRecord]:
+        self._now()
+        return self._records.oldest(task_id, limit)
 
     async def list_for_user(self, user_id: str, limit: int) -> list[TaskRecord]:
         self._now()
@@ -249,27 +281,27 @@ class MemoryTaskStore:
 
     # --- leases --------------------------------------------------------------------------
 
-    async def acquire_lease(self, task_id: str, owner: str, ttl_s: float) -> bool:
+    async def acquire_lease(self, key: str, owner: str, ttl_s: float) -> bool:
         now = self._now()
-        if self._leases.holder(task_id) not in {None, owner}:
+        if self._leases.holder(key) not in {None, owner}:
             return False
-        self._leases.hold(task_id, owner, now + ttl_s)
+        self._leases.hold(key, owner, now + ttl_s)
         return True
 
-    async def renew_lease(self, task_id: str, owner: str, ttl_s: float) -> bool:
+    async def renew_lease(self, key: str, owner: str, ttl_s: float) -> bool:
         now = self._now()
-        if self._leases.holder(task_id) != owner:
+        if self._leases.holder(key) != owner:
             return False
-        self._leases.hold(task_id, owner, now + ttl_s)
+        self._leases.hold(key, owner, now + ttl_s)
         return True
 
-    async def release_lease(self, task_id: str, owner: str) -> None:
+    async def release_lease(self, key: str, owner: str) -> None:
         self._now()
-        self._leases.release(task_id, owner)
+        self._leases.release(key, owner)
 
-    async def lease_owner(self, task_id: str) -> str | None:
+    async def lease_owner(self, key: str) -> str | None:
         self._now()
-        return self._leases.holder(task_id)
+        return self._leases.holder(key)
 
     # --- early cancels and batches -------------------------------------------------------
 

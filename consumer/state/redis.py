@@ -1,16 +1,21 @@
 """A TaskStateStore in Redis, shared by every replica.
 
-Keys, all under `key_prefix`:
+Keys, all under `key_prefix`; a record's <key> is `task_key(user_id, task_id)`, i.e.
+<user_id>/<task_id>, and the indexes hold those keys, not bare task ids:
 
-    task:<task_id>      the record's JSON; expires ttl_s after creation (updates keep the TTL)
-    user:<user_id>      sorted set of the user's task ids, scored by created_at (list_for_user)
-    status:<status>     sorted set of task ids per status (counts)
-    style:<style>       sorted set of task ids per style (counts); `styles` lists the styles
-    lease:<task_id>     the lease owner, with a PX expiry
+    task:<key>          the record's JSON; expires ttl_s after creation (updates keep the TTL)
+    user:<user_id>      sorted set of the user's record keys, scored by created_at (list_for_user)
+    ids:<task_id>       sorted set of the keys of every user's record with that task id,
+                        scored by created_at (find)
+    status:<status>     sorted set of record keys per status (counts)
+    style:<style>       sorted set of record keys per style (counts); `styles` lists the styles
+    lease:<key>         the lease owner, with a PX expiry
     cancels:<user_id>   sorted set of task ids the user cancelled before they were seen,
                         scored by time; trimmed to MAX_CANCELS_PER_USER and to ttl_s
     batch:<batch_id>    set of the batch's ended task ids; expires ttl_s after the first
     batch-claim:<id>    who may announce the batch: SET NX PX claim_ttl_s, then ttl_s once sent
+
+A batch id is whatever the caller passes (a per-user key, "/" and all).
 
 Index entries older than ttl_s are trimmed whenever an index is written or counted, and every
 index key expires when nothing was written to it for ttl_s. Every multi-key write is one Lua
@@ -33,36 +38,37 @@ from contracts.enums import TaskStatus
 
 MAX_SWAP_TRIES = 50
 
-# Lua keeps every multi-key write atomic. `add` puts a task in a sorted-set index scored by
-# created_at, trims entries past the TTL and keeps the index key alive for another TTL.
+# Lua keeps every multi-key write atomic. `add` puts a record key in a sorted-set index scored
+# by created_at, trims entries past the TTL and keeps the index key alive for another TTL.
 _ADD = """
-local function add(index, task_id, score, cutoff, ttl_ms)
-  redis.call('ZADD', index, score, task_id)
+local function add(index, key, score, cutoff, ttl_ms)
+  redis.call('ZADD', index, score, key)
   redis.call('ZREMRANGEBYSCORE', index, '-inf', cutoff)
   redis.call('PEXPIRE', index, ttl_ms)
 end
-local function add_style(index, styles, style, task_id, score, cutoff, ttl_ms)
+local function add_style(index, styles, style, key, score, cutoff, ttl_ms)
   if style == '' then return end
-  add(index, task_id, score, cutoff, ttl_ms)
+  add(index, key, score, cutoff, ttl_ms)
   redis.call('SADD', styles, style)
   redis.call('PEXPIRE', styles, ttl_ms)
 end
 """
-# KEYS task, user index, status index, style index, styles set
-# ARGV json, task_id, score, cutoff, ttl_ms, style
+# KEYS task, user index, task id index, status index, style index, styles set
+# ARGV json, record key, score, cutoff, ttl_ms, style
 _CREATE = (
     _ADD
     + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[5]) then return 0 end
 add(KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 add(KEYS[3], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-add_style(KEYS[4], KEYS[5], ARGV[6], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+add(KEYS[4], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+add_style(KEYS[5], KEYS[6], ARGV[6], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 return 1
 """
 )
 # Compare-and-swap: write only if the record is still what the caller read.
 # KEYS task, old status index, new status index, old style index, new style index, styles set
-# ARGV expected json, new json, task_id, score, cutoff, ttl_ms, new style
+# ARGV expected json, new json, record key, score, cutoff, ttl_ms, new style
 # Returns 1 swapped, 0 changed meanwhile (read again), -1 gone.
 _SWAP = (
     _ADD
@@ -189,52 +195,66 @@ class RedisTaskStore:
 
     async def create(self, record: TaskRecord) -> bool:
         keys = [
-            self._key("task", record.task_id),
+            self._key("task", record.key),
             self._key("user", record.user_id),
+            self._key("ids", record.task_id),
             self._key("status", record.status),
             self._key("style", record.style_type),
             self._key("styles"),
         ]
-        args = [record.model_dump_json(), record.task_id, *self._index_args(record)]
+        args = [record.model_dump_json(), record.key, *self._index_args(record)]
         return bool(await self._create(keys=keys, args=[*args, record.style_type]))
 
-    async def get(self, task_id: str) -> TaskRecord | None:
-        raw = _text(await self._redis.get(self._key("task", task_id)))
+    async def get(self, key: str) -> TaskRecord | None:
+        raw = _text(await self._redis.get(self._key("task", key)))
         return None if raw is None else TaskRecord.model_validate_json(raw)
 
-    async def update(self, task_id: str, **changes: Any) -> TaskRecord | None:
+    async def update(self, key: str, **changes: Any) -> TaskRecord | None:
         """Read, apply the rules, compare-and-swap; read again if another write came between."""
         for _ in range(MAX_SWAP_TRIES):
-            done, record = await self._update_once(task_id, changes)
+            done, record = await self._update_once(key, changes)
             if done:
                 return record
-        raise RedisError(f"task {task_id!r}: {MAX_SWAP_TRIES} concurrent updates collided")
+        raise RedisError(f"task {key!r}: {MAX_SWAP_TRIES} concurrent updates collided")
 
     async def _update_once(
-        self, task_id: str, changes: dict[str, Any]
+        self, key: str, changes: dict[str, Any]
     ) -> tuple[bool, TaskRecord | None]:
         """(True, result) when settled; (False, None) when another write came between."""
-        raw = _text(await self._redis.get(self._key("task", task_id)))
+        raw = _text(await self._redis.get(self._key("task", key)))
         if raw is None:
             return True, None
         current = TaskRecord.model_validate_json(raw)
         new = apply_changes(current, changes, utcnow())
         if new is None or new is current:
             return True, new
-        args = [raw, new.model_dump_json(), task_id, *self._index_args(new), new.style_type]
+        args = [raw, new.model_dump_json(), key, *self._index_args(new), new.style_type]
         swapped = await self._swap(keys=self._swap_keys(current, new), args=args)
         return swapped != 0, (new if swapped == 1 else None)
 
+    async def find(self, task_id: str, limit: int = 10) -> list[TaskRecord]:
+        """O(log n + limit): trim the expired (O(those)), ZRANGE `limit` keys, one MGET."""
+        keys = await self._live_keys(self._key("ids", task_id), limit, newest_first=False)
+        return await self._records(keys)
+
     async def list_for_user(self, user_id: str, limit: int) -> list[TaskRecord]:
-        """O(log n + limit): trim the expired (O(those)), ZREVRANGE `limit` ids, one MGET."""
+        """O(log n + limit): trim the expired (O(those)), ZREVRANGE `limit` keys, one MGET."""
+        keys = await self._live_keys(self._key("user", user_id), limit, newest_first=True)
+        return await self._records(keys)
+
+    async def _live_keys(self, index: str, limit: int, *, newest_first: bool) -> list[str]:
+        """The first `limit` record keys of `index` after trimming what is past its TTL."""
         if limit <= 0:
             return []
-        index = self._key("user", user_id)
         await self._redis.zremrangebyscore(index, "-inf", self._cutoff())
-        task_ids = [_str(task_id) for task_id in await self._redis.zrevrange(index, 0, limit - 1)]
-        if not task_ids:
+        keys = await self._redis.zrange(index, 0, limit - 1, desc=newest_first)
+        return [_str(key) for key in keys]
+
+    async def _records(self, keys: list[str]) -> list[TaskRecord]:
+        """The records under `keys`, in order; those gone meanwhile are left out."""
+        if not keys:
             return []
-        raws = await self._redis.mget([self._key("task", task_id) for task_id in task_ids])
+        raws = await self._redis.mget([self._key("task", key) for key in keys])
         return [TaskRecord.model_validate_json(_str(raw)) for raw in raws if raw is not None]
 
     async def counts(self) -> TaskCounts:
@@ -250,19 +270,17 @@ class RedisTaskStore:
 
     # --- leases --------------------------------------------------------------------------
 
-    async def acquire_lease(self, task_id: str, owner: str, ttl_s: float) -> bool:
-        return bool(
-            await self._acquire(keys=[self._key("lease", task_id)], args=[owner, _ms(ttl_s)])
-        )
+    async def acquire_lease(self, key: str, owner: str, ttl_s: float) -> bool:
+        return bool(await self._acquire(keys=[self._key("lease", key)], args=[owner, _ms(ttl_s)]))
 
-    async def renew_lease(self, task_id: str, owner: str, ttl_s: float) -> bool:
-        return bool(await self._renew(keys=[self._key("lease", task_id)], args=[owner, _ms(ttl_s)]))
+    async def renew_lease(self, key: str, owner: str, ttl_s: float) -> bool:
+        return bool(await self._renew(keys=[self._key("lease", key)], args=[owner, _ms(ttl_s)]))
 
-    async def release_lease(self, task_id: str, owner: str) -> None:
-        await self._release(keys=[self._key("lease", task_id)], args=[owner])
+    async def release_lease(self, key: str, owner: str) -> None:
+        await self._release(keys=[self._key("lease", key)], args=[owner])
 
-    async def lease_owner(self, task_id: str) -> str | None:
-        return _text(await self._redis.get(self._key("lease", task_id)))
+    async def lease_owner(self, key: str) -> str | None:
+        return _text(await self._redis.get(self._key("lease", key)))
 
     # --- early cancels and batches -------------------------------------------------------
 
@@ -312,7 +330,7 @@ class RedisTaskStore:
 
     def _swap_keys(self, old: TaskRecord, new: TaskRecord) -> list[str]:
         return [
-            self._key("task", new.task_id),
+            self._key("task", new.key),
             self._key("status", old.status),
             self._key("status", new.status),
             self._key("style", old.style_type),

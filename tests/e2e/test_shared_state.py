@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from consumer.comfy import ComfyClient
-from consumer.state import TaskRecord
+from consumer.state import TaskRecord, task_key
 from consumer.workflows import RenderParams, StyleCatalog
 from contracts import TaskStatus
 from tests.e2e.harness import jpeg_bytes, publish, request, running_service
@@ -111,7 +111,8 @@ async def test_a_task_whose_bookkeeping_fails_every_time_is_dead_lettered(
 ):
     """A store error on every delivery requeues until the delivery limit dead-letters it."""
     body = request(photos.url("photos/photo.jpg"))
-    await redis_store._redis.hset(f"{redis_store._prefix}lease:{body['task_id']}", "x", "1")
+    key = task_key(body["user_id"], body["task_id"])
+    await redis_store._redis.hset(f"{redis_store._prefix}lease:{key}", "x", "1")
     async with running_service(redis_settings):
         await publish(channel, topology, "transform", body)
         failed = await events.terminal(body["task_id"])

@@ -13,6 +13,7 @@ import pytest
 
 from consumer.comfy.messages import QueueState, parse_history, parse_queue
 from consumer.settings import ComfyInstanceSettings
+from consumer.state import task_key
 from tests.e2e.harness import WAIT_S, publish, request, running_service
 
 pytestmark = pytest.mark.connected
@@ -152,6 +153,6 @@ async def test_a_staged_prompt_left_at_shutdown_is_adopted_by_the_next_replica(
         async with running_service(settings):
             ends = [await events.terminal(t) for t in (staged.running_task, staged.staged_task)]
     assert [end["event"] for end in ends] == ["completed", "completed"], ends
-    record = await redis_store.get(staged.staged_task)
+    record = await redis_store.get(task_key("user_1", staged.staged_task))
     assert record is not None
     assert record.prompt_id == staged.staged_prompt

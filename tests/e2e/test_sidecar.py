@@ -126,6 +126,8 @@ async def sidecar(token: str | None) -> AsyncIterator[int]:
     """A real sidecar on a free loopback port over a fake view; yields the port."""
     store = MemoryTaskStore(ttl_s=60)
     await store.create(TaskRecord(task_id="t1", user_id="alice", style_type="clay"))
+    await store.create(TaskRecord(task_id="shared", user_id="alice", style_type="clay"))
+    await store.create(TaskRecord(task_id="shared", user_id="bob", style_type="anime"))
     deps = SidecarDeps(FakeView(), store, CollectorRegistry(), token=token)
     async with Sidecar(deps, "127.0.0.1", 0) as running:
         yield running.port
@@ -163,6 +165,20 @@ async def test_task_endpoints_and_stats_need_the_token_when_one_is_set() -> None
             assert (await _get(base + path))[0] == 401, path
             assert (await _get(base + path, "wrong"))[0] == 401, path
             assert (await _get(base + path, TOKEN))[0] == 200, path
+
+
+async def test_a_task_id_two_users_share_needs_its_owner() -> None:
+    """Task ids are per user: an id two users have answers 409 until ?user_id= picks one."""
+    async with sidecar(None) as port:
+        base = f"http://127.0.0.1:{port}/api/v1/task"
+        status, body = await _get(f"{base}/shared")
+        assert (status, body["error"]["code"]) == (409, "ambiguous")
+        status, task = await _get(f"{base}/shared?user_id=bob")
+        assert (status, task["user_id"], task["style_type"]) == (200, "bob", "anime")
+        assert (await _get(f"{base}/shared?user_id=carol"))[0] == 404
+        assert (await _get(f"{base}/shared?user_id=no.dots"))[0] == 400
+        status, task = await _get(f"{base}/t1")
+        assert (status, task["user_id"]) == (200, "alice")
 
 
 async def test_health_metrics_and_outputs_never_need_the_token() -> None:

@@ -84,6 +84,7 @@ class FaultRun:
         self.events = EventCollector(self.topology)
         self.replicas: list[Replica] = []
         self.task_ids: list[str] = []
+        self.owners: dict[str, str] = {}  # task id -> user, where not USER_ID
         self.poison: list[bytes] = []
         self.dead_letters: list[DeadLetter] = []  # filled by finish()
         self.redis = Redis.from_url(config.redis_url, decode_responses=True)
@@ -144,6 +145,10 @@ class FaultRun:
         self.replicas.extend(new)
         await asyncio.gather(*(r.start(wait_ready=wait_ready) for r in new))
         return new
+
+    def owner(self, task_id: str) -> str:
+        """The user whose task `task_id` is (task ids are scoped by user)."""
+        return self.owners.get(task_id, USER_ID)
 
     def request(self, index: int, **fields: Any) -> dict[str, Any]:
         """A valid transform request with a task id unique to this run."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 from aio_pika.abc import AbstractChannel
 
-from consumer.state import TaskRecord
+from consumer.state import TaskRecord, task_key
 from consumer.topology import Topology
 from tests.broker.ctl import wait_until
 
@@ -84,10 +84,11 @@ async def take_dead_letters(amqp_url: str, topology: Topology) -> list[DeadLette
 
 
 async def read_records(run: FaultRun, task_ids: list[str]) -> list[TaskRecord | None]:
-    """The store's records of `task_ids`, in order: one MGET per chunk (`task:<id>` keys)."""
+    """The store's records of `task_ids`, in order: one MGET per chunk (`task:<user>/<id>`)."""
     records: list[TaskRecord | None] = []
     for first in range(0, len(task_ids), STORE_CHUNK):
-        keys = [f"{run.redis_prefix}task:{t}" for t in task_ids[first : first + STORE_CHUNK]]
+        chunk = task_ids[first : first + STORE_CHUNK]
+        keys = [f"{run.redis_prefix}task:{task_key(run.owner(t), t)}" for t in chunk]
         values = await run.redis.mget(keys)
         records.extend(TaskRecord.model_validate_json(v) if v else None for v in values)
     return records

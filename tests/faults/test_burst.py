@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from consumer.state import task_key
 from consumer.testing.comfyui_emulator import Faults
 from tests.faults.harness import FaultRun, Replica
 from tests.faults.harness_photos import tiny_jpeg
@@ -84,7 +85,7 @@ async def stall_report(run: FaultRun, replica: Replica) -> str:
     urls = {f"comfy-{i}": e.url for i, e in enumerate(run.emulators)}
     async with aiohttp.ClientSession() as session:
         for task_id in stuck:
-            record = await run.store.get(task_id)
+            record = await run.store.get(task_key(run.owner(task_id), task_id))
             seen = [e["event"] for e in run.events.events if e.get("task_id") == task_id]
             where = await _prompt_state(session, urls, record)
             lines.append(f"{task_id}: events {seen}, record {record!r}, on its instance: {where}")

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from consumer.state import task_key
 from consumer.testing.comfyui_emulator import Faults
 from tests.broker.ctl import wait_until
 from tests.e2e.harness import bomb_png, jpeg_bytes
@@ -138,7 +139,8 @@ def death_reasons(headers: dict[str, Any]) -> list[str]:
 
 async def corrupt_record(run: FaultRun, task_id: str) -> None:
     """A stored record that no longer parses: reading it raises on every delivery."""
-    await run.redis.set(f"{run.redis_prefix}task:{task_id}", '{"task_id": "truncated')
+    key = task_key(run.owner(task_id), task_id)
+    await run.redis.set(f"{run.redis_prefix}task:{key}", '{"task_id": "truncated')
 
 
 def events_for(run: FaultRun, task_id: str) -> list[dict[str, Any]]:

@@ -148,6 +148,7 @@ async def test_hostile_headers_and_ids(hostile_run, hostile_rows):
         await run.publish(orjson.dumps(victim), "transform.batch")
         await run.events.wait_for(lambda e: e.get("event") == "batch.completed", 20)
         run.task_ids.append(f"{batch_id}-0")
+        run.owners[f"{batch_id}-0"] = "victim"
         forged_id, forged = body(run, 20)
         headers = {"x-batch-id": batch_id, "x-batch-index": 0, "x-batch-size": 1}
         event = await cases.check(

@@ -7,10 +7,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from consumer.state import TaskRecord
+from consumer.state import TaskRecord, task_key
 
 BASE_TIME = datetime.now(UTC)  # refreshed for every test by conftest
 POLL_INTERVAL_S = 0.01
+KEY = task_key("u1", "t1")  # where make_record() is stored
 
 
 def make_record(task_id: str = "t1", user_id: str = "u1", **fields: Any) -> TaskRecord:

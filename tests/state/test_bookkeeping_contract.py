@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from consumer.state import MAX_CANCELS_PER_USER, TaskStateStore
+from consumer.state import MAX_CANCELS_PER_USER, TaskStateStore, task_key
 from tests.state.conftest import MakeStore
-from tests.state.records import eventually
+from tests.state.records import eventually, make_record
 
 CLAIM_TTL_S = 30.0
 SHORT_CLAIM_TTL_S = 0.05
@@ -21,11 +21,14 @@ async def test_a_cancel_is_remembered_for_its_sender_only(store: TaskStateStore)
 
 
 async def test_a_cancel_creates_no_record(store: TaskStateStore) -> None:
-    """An early cancel squats nothing: the id stays free for its real owner's record."""
+    """An early cancel squats nothing: no record appears, and any user may still create the id."""
     await store.add_cancel("mallory", "t1")
-    assert await store.get("t1") is None
+    assert await store.get(task_key("mallory", "t1")) is None
+    assert await store.find("t1") == []
     assert await store.list_for_user("mallory", 10) == []
     assert not any((await store.counts())["by_status"].values())
+    assert await store.create(make_record("t1", "alice"))
+    assert await store.create(make_record("t1", "mallory"))
 
 
 async def test_cancelling_again_is_harmless(store: TaskStateStore) -> None:
@@ -80,6 +83,17 @@ async def test_batches_are_counted_apart(store: TaskStateStore) -> None:
     assert not await store.end_batch_task("b2", "t1", 2, CLAIM_TTL_S)
     assert await store.end_batch_task("b2", "t0", 2, CLAIM_TTL_S)
     assert await store.end_batch_task("b1", "t1", 2, CLAIM_TTL_S)
+
+
+async def test_per_user_batch_keys_are_counted_apart(store: TaskStateStore) -> None:
+    """Batch ids made per user (a "/" inside) keep two users' batches of one id apart."""
+    alice, bob = task_key("alice", "b1"), task_key("bob", "b1")
+    assert not await store.end_batch_task(alice, "t0", 2, CLAIM_TTL_S)
+    assert not await store.end_batch_task(bob, "t1", 2, CLAIM_TTL_S)
+    assert await store.end_batch_task(alice, "t1", 2, CLAIM_TTL_S)
+    await store.confirm_batch_announced(alice)
+    assert await store.end_batch_task(bob, "t0", 2, CLAIM_TTL_S)
+    assert not await store.end_batch_task(alice, "t1", 2, CLAIM_TTL_S)
 
 
 async def test_racing_ends_announce_exactly_once(store: TaskStateStore) -> None:

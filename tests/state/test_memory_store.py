@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from consumer.state import task_key
 from consumer.state.memory import MemoryTaskStore
 from contracts.enums import TaskStatus
-from tests.state.records import make_record
+from tests.state.records import KEY, make_record
 
 
 class FakeClock:
@@ -21,15 +22,16 @@ async def test_prune_drops_only_expired_records_and_leases() -> None:
     """prune() removes records and leases past their expiry and keeps the rest."""
     clock = FakeClock()
     store = MemoryTaskStore(ttl_s=60, clock=clock)
+    old, new = task_key("u1", "old"), task_key("u1", "new")
     await store.create(make_record("old"))
-    await store.acquire_lease("old", "w", 10)
+    await store.acquire_lease(old, "w", 10)
     clock.now_s += 30
     await store.create(make_record("new"))
     clock.now_s += 31
     assert store.prune() == 1
-    assert await store.get("old") is None
-    assert await store.get("new") is not None
-    assert await store.lease_owner("old") is None
+    assert await store.get(old) is None
+    assert await store.get(new) is not None
+    assert await store.lease_owner(old) is None
     assert "records=1 leases=0" in repr(store)
 
 
@@ -39,10 +41,10 @@ async def test_updates_keep_the_creation_expiry() -> None:
     store = MemoryTaskStore(ttl_s=60, clock=clock)
     await store.create(make_record())
     clock.now_s += 59
-    assert await store.update("t1", progress=10) is not None
+    assert await store.update(KEY, progress=10) is not None
     clock.now_s += 1
-    assert await store.get("t1") is None
-    assert await store.update("t1", progress=20) is None
+    assert await store.get(KEY) is None
+    assert await store.update(KEY, progress=20) is None
 
 
 async def test_close_is_harmless() -> None:
@@ -60,7 +62,7 @@ async def test_counts_and_lists_follow_expiry_and_updates() -> None:
     await store.create(make_record("b1", "bob", order=2, style_type="anime"))
     clock.now_s += 30
     await store.create(make_record("a2", "alice", order=3))
-    await store.update("a2", status=TaskStatus.PROCESSING, style_type="anime")
+    await store.update(task_key("alice", "a2"), status=TaskStatus.PROCESSING, style_type="anime")
     clock.now_s += 30  # a1 and b1 expire now
     assert [r.task_id for r in await store.list_for_user("alice", 10)] == ["a2"]
     assert await store.list_for_user("bob", 10) == []
@@ -81,6 +83,22 @@ async def test_a_task_id_reused_after_expiry_is_indexed_afresh() -> None:
     assert await store.create(make_record("t1", order=2, style_type="anime"))
     assert [r.style_type for r in await store.list_for_user("u1", 10)] == ["anime"]
     assert (await store.counts())["by_style"] == {"anime": 1}
+
+
+async def test_find_drops_each_record_as_it_expires() -> None:
+    """find(task_id) keeps the live records of the id and loses each one at its expiry."""
+    clock = FakeClock()
+    store = MemoryTaskStore(ttl_s=60, clock=clock)
+    await store.create(make_record("t1", "alice", order=1))
+    clock.now_s += 30
+    await store.create(make_record("t1", "bob", order=2))
+    clock.now_s += 30  # alice's expires now
+    assert [r.user_id for r in await store.find("t1")] == ["bob"]
+    assert await store.create(make_record("t1", "alice", order=3))
+    assert [r.user_id for r in await store.find("t1")] == ["bob", "alice"]
+    clock.now_s += 60
+    assert await store.find("t1") == []
+    assert "records=0" in repr(store)
 
 
 async def test_early_cancels_have_a_global_bound() -> None:
@@ -128,11 +146,11 @@ async def test_renewed_leases_outlive_their_first_expiry() -> None:
     """A lease renewed before it expired survives its first expiry time; then it goes."""
     clock = FakeClock()
     store = MemoryTaskStore(ttl_s=60, clock=clock)
-    await store.acquire_lease("t1", "w", 10)
+    await store.acquire_lease(KEY, "w", 10)
     clock.now_s += 5
-    await store.renew_lease("t1", "w", 10)
+    await store.renew_lease(KEY, "w", 10)
     clock.now_s += 6
-    assert await store.lease_owner("t1") == "w"
+    assert await store.lease_owner(KEY) == "w"
     clock.now_s += 4
-    assert await store.lease_owner("t1") is None
+    assert await store.lease_owner(KEY) is None
     assert "leases=0" in repr(store)

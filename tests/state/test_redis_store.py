@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from consumer.state.redis import RedisTaskStore
 from contracts.enums import TaskStatus
-from tests.state.records import make_record
+from tests.state.records import KEY, make_record
 
 
 @pytest.fixture
@@ -48,11 +48,12 @@ async def test_every_key_expires_and_updates_keep_the_ttl(
     store = RedisTaskStore.from_url(redis_url, ttl_s=100, key_prefix=key_prefix)
     try:
         await store.create(make_record())
-        await raw_redis.pexpire(f"{key_prefix}task:t1", 50_000)
-        await store.update("t1", status=TaskStatus.PROCESSING, progress=10)
-        assert 0 < await raw_redis.pttl(f"{key_prefix}task:t1") <= 50_000
+        await raw_redis.pexpire(f"{key_prefix}task:u1/t1", 50_000)
+        await store.update(KEY, status=TaskStatus.PROCESSING, progress=10)
+        assert 0 < await raw_redis.pttl(f"{key_prefix}task:u1/t1") <= 50_000
         keys = [key async for key in raw_redis.scan_iter(match=f"{key_prefix}*")]
-        assert len(keys) >= 5
+        assert f"{key_prefix}ids:t1" in keys
+        assert len(keys) >= 6
         for key in keys:
             assert 0 < await raw_redis.pttl(key) <= 100_000, key
     finally:
@@ -66,7 +67,8 @@ async def test_key_prefixes_isolate_stores(redis_url: str, prefixes: list[str]) 
     second = RedisTaskStore.from_url(redis_url, ttl_s=100, key_prefix=_new_prefix(prefixes))
     try:
         await first.create(make_record())
-        assert await second.get("t1") is None
+        assert await second.get(KEY) is None
+        assert await second.find("t1") == []
         assert await second.create(make_record())
         assert (await second.counts())["by_status"]["pending"] == 1
         assert "prefix=" in repr(first)
@@ -94,15 +96,35 @@ async def test_works_on_a_client_that_returns_bytes(redis_url: str, prefixes: li
     try:
         record = make_record()
         await store.create(record)
-        await store.acquire_lease("t1", "worker-a", 30)
-        assert await store.get("t1") == record
+        await store.acquire_lease(KEY, "worker-a", 30)
+        assert await store.get(KEY) == record
         assert await store.list_for_user("u1", 5) == [record]
-        assert await store.lease_owner("t1") == "worker-a"
+        assert await store.find("t1") == [record]
+        assert await store.lease_owner(KEY) == "worker-a"
         assert (await store.counts())["by_style"] == {"clay": 1}
-        assert await store.update("t1", progress=5) is not None
+        assert await store.update(KEY, progress=5) is not None
         await store.add_cancel("u1", "t2")
         assert await store.cancel_requested("u1", "t2")
         assert await store.end_batch_task("b1", "b1-0", 1, 5)
+    finally:
+        await store.close()
+
+
+@pytest.mark.connected
+async def test_keys_hold_the_user_and_task_id(
+    redis_url: str, raw_redis: Redis, prefixes: list[str]
+) -> None:
+    """Record and lease keys are <user_id>/<task_id>; the indexes hold those keys."""
+    key_prefix = _new_prefix(prefixes)
+    store = RedisTaskStore.from_url(redis_url, ttl_s=100, key_prefix=key_prefix)
+    try:
+        record = make_record()
+        await store.create(record)
+        await store.acquire_lease(KEY, "worker-a", 30)
+        assert await raw_redis.get(f"{key_prefix}task:u1/t1") == record.model_dump_json()
+        assert await raw_redis.get(f"{key_prefix}lease:u1/t1") == "worker-a"
+        for index in ["user:u1", "ids:t1", "status:pending", "style:clay"]:
+            assert await raw_redis.zrange(f"{key_prefix}{index}", 0, -1) == ["u1/t1"], index
     finally:
         await store.close()
 

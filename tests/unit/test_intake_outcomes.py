@@ -11,6 +11,7 @@ import pytest
 
 from consumer.errors import ImageInvalid
 from consumer.events import APP_ID
+from consumer.state import task_key
 from contracts import TaskStatus
 from tests.fakes import FakeMessage
 from tests.world import intake_world
@@ -205,7 +206,7 @@ async def test_a_cancel_for_an_unseen_id_squats_nothing():
     """Another user's early cancel neither creates a record nor blocks the owner's request."""
     async with intake_world() as world:
         await world.cancel(message({"user_id": "mallory", "task_id": "t-1"}, routing_key="cancel"))
-        assert await world.store.get("t-1") is None
+        assert await world.store.find("t-1") == []
         delivery = message(request("t-1"))
         await world.deliver(delivery)
         assert [e.event for e in world.events()] == ["accepted", "completed"]
@@ -239,7 +240,7 @@ async def test_shutdown_gives_running_deliveries_back_with_nack():
         await world.deliver_held(delivery)
         await world.dispatcher.drain(0.01)
         assert delivery.settlements == ["nack+requeue"]
-        record = await world.store.get("t-1")
+        record = await world.store.get(task_key(USER, "t-1"))
         assert record is not None
         assert not record.status.is_terminal
 
@@ -283,14 +284,26 @@ async def test_an_ended_task_delivered_again_is_answered_from_the_store():
         assert world.pipeline.runs == ["t-1"]
 
 
-async def test_a_task_id_of_another_user_is_refused():
-    """Ids are first come, first served: another user's request for it is dead-lettered."""
+async def test_two_users_may_use_the_same_task_id():
+    """Task ids are scoped by user: another user's request for the same id runs on its own."""
     async with intake_world() as world:
         await world.deliver(message(request("t-1")))
-        other = message(request("t-1", user_id="mallory"))
-        await world.deliver(other)
-        (dead,) = world.publisher.of_kind("dead_letter")
-        assert "another user" in dead.headers["x-error-message"]
-        record = await world.store.get("t-1")
-        assert record is not None
-        assert record.status is TaskStatus.COMPLETED
+        await world.deliver(message(request("t-1", user_id="mallory")))
+        assert world.publisher.of_kind("dead_letter") == []
+        done = world.events("completed")
+        assert sorted(e.user_id for e in done) == ["mallory", USER]
+        assert world.pipeline.runs == ["t-1", "t-1"]
+        for user in (USER, "mallory"):
+            record = await world.store.get(task_key(user, "t-1"))
+            assert record is not None
+            assert record.status is TaskStatus.COMPLETED
+
+
+async def test_a_refused_request_squats_no_id():
+    """A refused request naming another user's id leaves that user's task untouched."""
+    async with intake_world() as world:
+        await world.deliver(message(request("t-1", user_id="mallory", style_type="nope")))
+        delivery = message(request("t-1"))
+        await world.deliver(delivery)
+        assert [e.user_id for e in world.events("completed")] == [USER]
+        assert delivery.settlements == ["ack"]

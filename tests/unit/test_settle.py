@@ -24,7 +24,7 @@ from consumer.settle import (
     fallback,
     safe_text,
 )
-from consumer.state import MemoryTaskStore, TaskRecord
+from consumer.state import MemoryTaskStore, TaskRecord, task_key
 from contracts import ErrorCode, EventKind, TaskStatus
 from contracts.models import TaskError, TaskEvent
 from tests.fakes import FakeMessage, FakePublisher, broker_down
@@ -99,7 +99,7 @@ async def test_finished_records_publishes_replies_then_acks(store, publisher, se
     )
     assert action is Action.ACK
     assert [m.settlements for m in copies] == [["ack"], ["ack"]]
-    record = await store.get("t1")
+    record = await store.get(task_key(USER, "t1"))
     assert record is not None
     assert record.status is TaskStatus.COMPLETED
     assert record.terminal_event is not None
@@ -154,7 +154,7 @@ async def test_refused_tells_the_sender_dead_letters_then_acks(store, publisher,
     (dead,) = publisher.of_kind("dead_letter")
     assert dead.headers["x-error-code"] == "invalid_request"
     assert publisher.events() == [failed]
-    record = await store.get("bad-1")
+    record = await store.get(task_key(USER, "bad-1"))
     assert record is not None
     assert record.status is TaskStatus.FAILED
 
