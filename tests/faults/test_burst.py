@@ -29,7 +29,12 @@ BURST_TASKS = 10_000
 INSTANCES = 4
 SLOTS_PER_INSTANCE = 8
 PEAK_RSS_LIMIT_MIB = 400
-BURST_TIMEOUT_S = 300.0
+# A loaded machine may run the burst at a third of its idle rate (seen: 31 tasks/s beside two
+# busy processes, 76 idle): the test fails on a stall, not on a slow machine. A stall is
+# PROGRESS_WINDOW tasks not ending within STALL_TIMEOUT_S; BURST_MAX_S only bounds the test.
+PROGRESS_WINDOW = 500
+STALL_TIMEOUT_S = 60.0
+BURST_MAX_S = 1500.0
 PHOTO_SIDE = 16
 STALL_SAMPLE = 10
 REPO_WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
@@ -108,7 +113,13 @@ async def _prompt_state(
     return f"{instance} prompt {prompt_id}: in history {prompt_id in history}, queued {queued}"
 
 
-@pytest.mark.timeout(BURST_TIMEOUT_S + 120)
+async def wait_all_progressing(run: FaultRun, total: int) -> None:
+    """Until `total` tasks have a terminal event, as long as they keep ending."""
+    while (done := run.events.terminal_count(set(run.task_ids))) < total:
+        await run.wait_terminal(min(total, done + PROGRESS_WINDOW), timeout_s=STALL_TIMEOUT_S)
+
+
+@pytest.mark.timeout(BURST_MAX_S)
 async def test_burst_of_10000_requests_completes_in_bounded_memory(fault_run):
     """10 000 requests published at once all complete; the replica's peak RSS stays bounded."""
     options = {
@@ -125,7 +136,7 @@ async def test_burst_of_10000_requests_completes_in_bounded_memory(fault_run):
         (replica,) = await run.spawn(1, WORKFLOWS_DIR=str(workflows), PROGRESS_INTERVAL_MS="600000")
         assert replica.pid is not None
         try:
-            await run.wait_terminal(BURST_TASKS, timeout_s=BURST_TIMEOUT_S)
+            await wait_all_progressing(run, BURST_TASKS)
         except TimeoutError:
             pytest.fail(await stall_report(run, replica))
         drained_s = run.elapsed_s()
