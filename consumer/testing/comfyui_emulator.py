@@ -4,12 +4,14 @@ Test without a GPU against what a real ComfyUI says and does (checked against re
 tests/emulator): the same routes (also under /api), bodies, status codes, message order and
 routing, queue and history semantics, upload renaming, caching of unchanged nodes, and nodes
 that really run (Pillow image nodes; emulated SD nodes with one progress step per
-`Faults.step_seconds`). `Faults` injects failures at run time.
+`Faults.step_seconds`). Model loads cost what they cost a real server (emulator_models: cold,
+page-cache re-read, or nothing when the loader is cached). `Faults` injects failures at run time.
 
     async with ComfyEmulator(Faults(step_seconds=0.01)) as comfy:
         ...  # talk to comfy.url
 
-Run one by hand: `python -m consumer.testing.comfyui_emulator --port 8188 [--step-seconds S]`.
+Run one by hand: `python -m consumer.testing.comfyui_emulator --port 8188 [--step-seconds S]
+[--model-load-seconds S]` (`--help` lists every flag).
 """
 
 from __future__ import annotations
@@ -33,29 +35,40 @@ from consumer.testing.emulator_executor import Executor
 from consumer.testing.emulator_faults import Faults
 from consumer.testing.emulator_image_nodes import IMAGE_NODES
 from consumer.testing.emulator_io_nodes import IO_NODES
+from consumer.testing.emulator_lora_nodes import LORA_NODES
+from consumer.testing.emulator_models import (
+    LORA_FRACTION,
+    RELOAD_FRACTION,
+    ModelLoad,
+    ModelMemory,
+    PageCache,
+    Sleep,
+)
 from consumer.testing.emulator_nodes import Dirs, NodeEnv, NodeRegistry
 from consumer.testing.emulator_queue import PromptQueue
 from consumer.testing.emulator_routes import FEATURES, Routes
 from consumer.testing.emulator_ws import SocketHub
 
-__all__ = ["DEFAULT_CHECKPOINTS", "ComfyEmulator", "Faults", "main"]
+__all__ = ["DEFAULT_CHECKPOINTS", "DEFAULT_LORAS", "ComfyEmulator", "Faults", "ModelLoad", "main"]
 
 DEFAULT_CHECKPOINTS = (
     "v1-5-pruned-emaonly.safetensors",
     "random-sd15.safetensors",
     "random-sd15-b.safetensors",
 )
+DEFAULT_LORAS = ("detail-tweaker-sd15.safetensors", "watercolor-sd15.safetensors")
 
 
 def default_registry() -> NodeRegistry:
-    return NodeRegistry([*IO_NODES, *IMAGE_NODES, *DIFFUSION_NODES])
+    return NodeRegistry([*IO_NODES, *IMAGE_NODES, *DIFFUSION_NODES, *LORA_NODES])
 
 
 class ComfyEmulator:
     """One emulated ComfyUI server; `faults` may be changed while it runs.
 
     `output_dir` is the server's base folder (it gets input/, output/, temp/ like a ComfyUI
-    checkout); a temporary one, removed on stop, when None.
+    checkout); a temporary one, removed on stop, when None. `sleep` waits out model loads
+    (tests pass one that returns at once and read `model_loads`).
     """
 
     def __init__(
@@ -63,13 +76,17 @@ class ComfyEmulator:
         faults: Faults | None = None,
         output_dir: Path | None = None,
         checkpoints: Sequence[str] = DEFAULT_CHECKPOINTS,
+        loras: Sequence[str] = DEFAULT_LORAS,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.faults = faults or Faults()
+        self._page_cache = PageCache()
+        self._sleep = sleep
         self._own_dir = output_dir is None
         root = (
             Path(tempfile.mkdtemp(prefix="comfy-emulator-")) if output_dir is None else output_dir
         )
-        self.env = NodeEnv(Dirs(root), tuple(checkpoints))
+        self.env = NodeEnv(Dirs(root), tuple(checkpoints), tuple(loras))
         self.registry = default_registry()
         self.url = ""
         self._port = 0
@@ -84,6 +101,11 @@ class ComfyEmulator:
         """Prompts that finished executing (success, error or interrupt), across restarts."""
         current = self._routes.executor.prompts_executed if self._routes else 0
         return self._executed_before + current
+
+    @property
+    def model_loads(self) -> list[ModelLoad]:
+        """Every model load charged on this machine, oldest first, across restarts."""
+        return list(self._page_cache.loads)
 
     @property
     def dirs(self) -> Dirs:
@@ -107,7 +129,8 @@ class ComfyEmulator:
 
         queue = PromptQueue(broadcast_status)
         holder.append(queue)
-        executor = Executor(self.registry, self.env, self.faults, queue, hub)
+        models = ModelMemory(self.faults, self._page_cache, self._sleep)
+        executor = Executor(self.registry, self.env, self.faults, queue, hub, models=models)
         return Routes(queue, hub, executor, self.registry, self.env, self.faults)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -137,7 +160,9 @@ class ComfyEmulator:
         self._routes = None
 
     async def restart(self) -> None:
-        """Come back on the same port with an empty queue and history (files persist)."""
+        """A process restart on the same machine and port: queue, history, node cache and
+        loaded models are gone; files persist, and so does the OS page cache (checkpoints read
+        before the restart reload at `model_reload_seconds`, not `model_load_seconds`)."""
         await self.die()
         await self.start(self._host, self._port)
 
@@ -160,7 +185,12 @@ class ComfyEmulator:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    faults = Faults(step_seconds=args.step_seconds, model_load_seconds=args.model_load_seconds)
+    faults = Faults(
+        step_seconds=args.step_seconds,
+        model_load_seconds=args.model_load_seconds,
+        model_reload_seconds=args.model_reload_seconds,
+        lora_load_seconds=args.lora_load_seconds,
+    )
     root = Path(args.base_dir) if args.base_dir else None
     emulator = ComfyEmulator(faults, root)
     stopping = asyncio.Event()
@@ -175,14 +205,39 @@ async def _serve(args: argparse.Namespace) -> None:
         await emulator.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8188)
-    parser.add_argument("--step-seconds", type=float, default=0.0)
-    parser.add_argument("--model-load-seconds", type=float, default=0.0)
-    parser.add_argument("--base-dir", default=None, help="folder for input/, output/, temp/")
-    asyncio.run(_serve(parser.parse_args(argv)))
+    add = parser.add_argument
+    add("--host", default="127.0.0.1")
+    add("--port", type=int, default=8188)
+    add("--step-seconds", type=float, default=0.0, help="wall time of each KSampler step")
+    add(
+        "--model-load-seconds",
+        type=float,
+        default=0.0,
+        help="cold checkpoint load: the first read of that file since this emulator started",
+    )
+    add(
+        "--model-reload-seconds",
+        type=float,
+        default=None,
+        help="checkpoint load of a file read before (OS page cache; survives a restart);"
+        f" default {RELOAD_FRACTION} x --model-load-seconds (measured on ComfyUI 0.8.0)."
+        " A cached CheckpointLoaderSimple (same checkpoint as the previous prompt) costs 0",
+    )
+    add(
+        "--lora-load-seconds",
+        type=float,
+        default=None,
+        help="LoRA file read by LoraLoader/LoraLoaderModelOnly;"
+        f" default {LORA_FRACTION} x --model-load-seconds (an estimate from file sizes)",
+    )
+    add("--base-dir", default=None, help="folder for input/, output/, temp/")
+    return parser  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    asyncio.run(_serve(_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -67,10 +67,9 @@ def _checkpoint_types(env: NodeEnv) -> InputTypes:
 
 
 async def _load_checkpoint(ctx: NodeContext, args: dict[str, Any]) -> NodeResult:
+    """Runs only when not cached: every run reads the file (a cold or a page-cache read)."""
     name = str(args["ckpt_name"])
-    if ctx.models.loaded != name:
-        await asyncio.sleep(ctx.faults.model_load_seconds)
-        ctx.models.loaded = name
+    await ctx.models.load_checkpoint(ctx.prompt_id, ctx.node_id, name)
     return NodeResult(tuple(Checkpoint(name, part) for part in ("MODEL", "CLIP", "VAE")))
 
 
@@ -127,6 +126,13 @@ def stylize(
     return Image.blend(image, styled, max(0.0, min(1.0, denoise)))
 
 
+def _style_key(model: Checkpoint, positive: Conditioning) -> str:
+    """The checkpoint name as the palette sees it; LoRAs on MODEL or CLIP change it."""
+    if model.name == positive.checkpoint:
+        return model.name
+    return f"{model.name}\n{positive.checkpoint}"
+
+
 async def _sample(ctx: NodeContext, args: dict[str, Any]) -> NodeResult:
     steps = int(args["steps"])
     for step in range(1, steps + 1):
@@ -136,7 +142,7 @@ async def _sample(ctx: NodeContext, args: dict[str, Any]) -> NodeResult:
     latent: Latent = args["latent_image"]
     positive: list[Conditioning] = args["positive"]
     seed, denoise = int(args["seed"]), float(args["denoise"])
-    text, checkpoint = positive[0].text, positive[0].checkpoint
+    text, checkpoint = positive[0].text, _style_key(args["model"], positive[0])
 
     def run() -> Batch:
         bases = [

@@ -27,9 +27,9 @@ from consumer.testing.emulator_graph import (
     Signatures,
     is_link,
 )
+from consumer.testing.emulator_models import ModelMemory
 from consumer.testing.emulator_nodes import (
     InterruptedError_,
-    ModelState,
     NodeContext,
     NodeDef,
     NodeEnv,
@@ -95,6 +95,8 @@ class Executor:
         faults: Faults,
         queue: PromptQueue,
         hub: SocketHub,
+        *,
+        models: ModelMemory,
     ) -> None:
         self._registry = registry
         self._env = env
@@ -102,9 +104,16 @@ class Executor:
         self._queue = queue
         self._hub = hub
         self._cache = OutputCache()
-        self._models = ModelState()
+        self._models = models
         self._interrupted = False
+        self._free_memory = False
         self.prompts_executed = 0
+
+    def free_memory(self) -> None:
+        """POST /free with free_memory: ComfyUI's worker resets its caches (`e.reset()`)
+        when idle or after the running prompt, so the next prompt starts with none cached.
+        `unload_models` alone only moves models out of VRAM, which this CPU emulator has not."""
+        self._free_memory = True
 
     def interrupt(self) -> None:
         self._interrupted = True
@@ -170,10 +179,7 @@ class Executor:
         await self._add_message(
             run, "execution_start", {"prompt_id": run.prompt_id}, broadcast=False
         )
-        keys = Signatures(item.prompt, self._registry, self._env).all()
-        self._cache.set_prompt(keys)
-        cached = [n for n in item.prompt if self._cache.get(n) is not None]
-        cached_data = {"nodes": cached, "prompt_id": run.prompt_id}
+        cached_data = {"nodes": self._set_prompt(item.prompt), "prompt_id": run.prompt_id}
         await self._add_message(run, "execution_cached", cached_data, broadcast=False)
         success = await self._run_nodes(run)
         if success:
@@ -181,6 +187,16 @@ class Executor:
             await self._add_message(run, "execution_success", data, broadcast=False)
         self._hub.last_node_id = None
         await self._finish(task_id, run, success)
+
+    def _set_prompt(self, prompt: dict[str, Any]) -> list[str]:
+        """Apply a pending /free, keep what this prompt can use; the ids served from cache."""
+        if self._free_memory:
+            self._free_memory = False
+            self._cache.clear()
+            self._models.set_prompt(())
+        self._cache.set_prompt(Signatures(prompt, self._registry, self._env).all())
+        self._models.set_prompt([(n, node["class_type"]) for n, node in prompt.items()])
+        return [n for n in prompt if self._cache.get(n) is not None]
 
     async def _finish(self, task_id: int, run: _Run, success: bool) -> None:
         if self._faults.history_delay_s > 0:
@@ -306,6 +322,7 @@ class Executor:
             message = f"Emulated failure injected at node {node_id} ({node_def.name})"
             raise NodeExecutionError(message)
         ctx = NodeContext(
+            prompt_id=run.prompt_id,
             node_id=node_id,
             prompt=run.item.prompt,
             extra_data=run.item.extra_data,
@@ -347,12 +364,6 @@ class Executor:
             "current_outputs": list(run.item.prompt),
         }
         return payload
-
-    def forget(self) -> None:
-        """A restart: no cache, no loaded model, nothing running."""
-        self._cache.clear()
-        self._models.loaded = None
-        self._interrupted = False
 
 
 def _meta(node_id: str) -> dict[str, Any]:

@@ -12,7 +12,14 @@ class Faults:
     step_seconds: float = 0.0
     """Wall time of each KSampler step."""
     model_load_seconds: float = 0.0
-    """Extra time of CheckpointLoaderSimple when the checkpoint differs from the loaded one."""
+    """Time of a cold checkpoint load: CheckpointLoaderSimple runs (is not cached) and this
+    machine has not read that file before (emulator_models)."""
+    model_reload_seconds: float | None = None
+    """Time of a checkpoint load whose file this machine read before (the OS page cache);
+    None: `RELOAD_FRACTION` (0.32, measured) x `model_load_seconds`."""
+    lora_load_seconds: float | None = None
+    """Time of a LoRA file read by LoraLoader / LoraLoaderModelOnly; None: `LORA_FRACTION`
+    (0.1, estimated) x `model_load_seconds`."""
     node_seconds: float = 0.0
     """Minimum wall time of every node that executes (not cached): makes prompts slow enough
     to race (interrupt, reconnect) deterministically without huge images."""

@@ -7,7 +7,8 @@ two links from an output, else the first ready one (the img2img trace: 2, 1, 5, 
 
 Cache: a node's key is its class, its IS_CHANGED value and its inputs, with links replaced by
 the key of the linked node. When a prompt starts, entries whose key is not in that prompt are
-dropped (ComfyUI's classic cache keeps only what the current prompt can use).
+dropped (ComfyUI's classic cache, BasicCache.clean_unused, keeps only what the current prompt can
+use): after A, B, a prompt with checkpoint A again finds only LoadImage cached and reloads A.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from consumer.testing.emulator_faults import Faults
+from consumer.testing.emulator_models import ModelMemory
 
 InputTypes = dict[str, dict[str, Any]]
 """{"required": {name: [TYPE, {options}]}, "optional": {...}, "hidden": {...}}."""
@@ -76,25 +77,21 @@ class NodeEnv:
 
     dirs: Dirs
     checkpoints: tuple[str, ...]
-
-
-@dataclass
-class ModelState:
-    """The checkpoint currently 'in VRAM' (switching costs `Faults.model_load_seconds`)."""
-
-    loaded: str | None = None
+    loras: tuple[str, ...] = ()
 
 
 @dataclass
 class NodeContext:
     """Everything a running node may use."""
 
+    prompt_id: str
     node_id: str
     prompt: Mapping[str, Any]
     extra_data: Mapping[str, Any]
     env: NodeEnv
     faults: Faults
-    models: ModelState
+    models: ModelMemory
+    """Charges model file loads (cold, page-cache or LoRA reads)."""
     progress: Callable[[int, int], Awaitable[None]]
     """Report a progress bar step (sends `progress_state` then `progress`)."""
     check_interrupt: Callable[[], None]

@@ -215,7 +215,9 @@ class Routes:
         return web.Response(status=200)
 
     async def post_free(self, request: web.Request) -> web.Response:
-        await request.json()
+        body = await request.json()
+        if body.get("free_memory", False):
+            self.executor.free_memory()
         return web.Response(status=200)
 
     async def get_history(self, request: web.Request) -> web.Response:
@@ -267,7 +269,9 @@ class Routes:
         folder = request.match_info["folder"]
         if folder == "checkpoints":
             return web.json_response(sorted(self.env.checkpoints))
-        if folder in {"embeddings", "loras", "vae"}:
+        if folder == "loras":
+            return web.json_response(sorted(self.env.loras))
+        if folder in {"embeddings", "vae"}:
             return web.json_response([])
         return web.Response(status=404)
 
