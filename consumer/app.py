@@ -194,6 +194,10 @@ class Service:
             max_message_bytes=s.max_message_bytes,
             max_in_flight=s.max_concurrent_tasks,
             delivery_limit=s.amqp_delivery_limit,
+            policy=s.scheduler,
+            window=s.scheduler_window,
+            batch_slice=s.scheduler_batch_slice,
+            bulk_poll_s=s.scheduler_bulk_poll_s,
         )
 
     async def _mark_ready(self) -> None:
@@ -296,4 +300,6 @@ def _open_pool(settings: Settings) -> InstancePool:
         history_wait_s=settings.comfyui_history_wait_s,
         outage_grace_s=settings.comfyui_outage_grace_s,
         ws_heartbeat_s=settings.comfyui_ws_heartbeat_s,
+        policy=settings.scheduler,
+        load_prior_s=settings.model_load_estimate_s,
     )

@@ -132,3 +132,9 @@ def delivery_count(message: AbstractIncomingMessage) -> int:
     """How many times a quorum queue delivered `message` before (its x-delivery-count)."""
     value = (message.headers or {}).get("x-delivery-count", 0)
     return value if isinstance(value, int) else 0
+
+
+def header_int(message: AbstractIncomingMessage, name: str) -> int | None:
+    """Header `name` when it is an integer (never a bool); None when absent or anything else."""
+    value = (message.headers or {}).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

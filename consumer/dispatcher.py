@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from consumer import records
 from consumer.broker import delivery_count
+from consumer.comfy.scheduling import Priority
 from consumer.errors import ConsumerError
 from consumer.jobs import Job, utcnow
 from consumer.logs import ctx
@@ -105,9 +106,12 @@ class Dispatcher:
         return self._ended
 
     def held_outside(self, consumer_tag: str | None) -> int:
-        """Tasks in hand that were delivered to another consumer than `consumer_tag`."""
+        """Tasks in hand that were delivered to another consumer than `consumer_tag` (not
+        counting those taken with basic.get, which no consumer's window counts)."""
         return sum(
-            1 for job, _ in self._running.values() if job.handles[0].consumer_tag != consumer_tag
+            1
+            for job, _ in self._running.values()
+            if job.handles[0].consumer_tag not in {consumer_tag, None}
         )
 
     async def run(self) -> None:
@@ -129,6 +133,7 @@ class Dispatcher:
         request: TransformRequest,
         batch: BatchRef | None = None,
         reply: Reply | None = None,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> Outcome | None:
         """Start (or attach to) the task this delivery asks for; None once a task owns it.
 
@@ -146,6 +151,7 @@ class Dispatcher:
         admission = self._admitting[key] = _Admission([message])
         try:
             job = await self._admit(task_id, request, batch, reply, admission)
+            job.priority = priority
             if self._closing.is_set():  # shut down while it was admitted
                 return Returned("shutting down")
         except BaseException:

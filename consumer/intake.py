@@ -5,36 +5,36 @@
   With no healthy instance, the consumer is cancelled until one comes back.
 - Poison (bad JSON, wrong schema, unknown style, oversized, wrong content type) gets a
   `failed` event when a user_id can be read, is dead-lettered with its reason, then acked.
-- Batches are expanded into single requests (published with confirms) before their ack.
+- `style.transform.bulk` is pulled into the room interactive work leaves (`consumer.bulk`).
+  A request whose `priority` names the other class is moved to that class's queue.
+- Batches become single requests (published with confirms) before their ack: a bulk batch a
+  slice at a time, so that users' batches interleave (`consumer.batches`).
 - Cancels arrive on this replica's own control queue (a fanout reaches every replica).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 from consumer import records
-from consumer.broker import delivery_count
+from consumer.batches import BatchFeeder
+from consumer.broker import delivery_count, header_int
+from consumer.bulk import BulkFeed, first_set
+from consumer.comfy import Priority
 from consumer.errors import ConsumerError, InvalidRequest
 from consumer.events import APP_ID, until_confirmed
 from consumer.jobs import BatchRef, Reply, utcnow
 from consumer.logs import ctx
+from consumer.settings import SchedulerPolicy
 from consumer.settle import Crashed, Handled, Outcome, Refused, Returned, safe_text
-from consumer.topology import declare_control_queue, declare_topology
+from consumer.topology import BULK_KEY, BULK_KEYS, declare_control_queue, declare_topology
 from contracts import ErrorCode, EventKind, TaskStatus
 from contracts.decode import InvalidMessage, decode_request
-from contracts.ids import (
-    BATCH_ID_PATTERN,
-    MAX_BATCH_SIZE,
-    USER_ID_PATTERN,
-    batch_task_id,
-    is_valid_id,
-)
+from contracts.ids import BATCH_ID_PATTERN, MAX_BATCH_SIZE, USER_ID_PATTERN, is_valid_id
 from contracts.models import (
     BatchTransformRequest,
     CancelRequest,
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({"application/json", "text/json"})
 IDENTITY_ENCODINGS = frozenset({"", "identity", "utf-8", "utf8"})  # no compression
-REQUEST_KINDS = frozenset({"transform", "transform.batch", "cancel"})
+REQUEST_KINDS = frozenset({"transform", "transform.batch", "cancel", *BULK_KEYS})
 BATCH_HEADERS = ("x-batch-id", "x-batch-index", "x-batch-size")
 CANCEL_TIMEOUT_S = 5.0
 FOLLOW_RETRY_S = 1.0
@@ -84,6 +84,10 @@ class Intake:
         max_message_bytes: int,
         max_in_flight: int,
         delivery_limit: int,
+        policy: SchedulerPolicy = SchedulerPolicy.FAIR,
+        window: int = 2,
+        batch_slice: int = 4,
+        bulk_poll_s: float = 1.0,
     ) -> None:
         self._broker = broker
         self._topology = topology
@@ -98,6 +102,22 @@ class Intake:
         self._max_bytes = max_message_bytes
         self._max_in_flight = max_in_flight
         self._delivery_limit = delivery_limit
+        self._fair = policy is SchedulerPolicy.FAIR
+        self._window = window
+        self._bulk = BulkFeed(
+            broker=broker,
+            queue_name=topology.bulk,
+            room=self._bulk_room,
+            changes=lambda: [self._pool.capacity_event, self._dispatcher.ended_event],
+            handle=self._on_message,
+            poll_s=bulk_poll_s,
+        )
+        self._batches = BatchFeeder(
+            publisher=publisher,
+            store=store,
+            slice_size=batch_slice if self._fair else None,
+            on_bulk_published=self._bulk.nudge,
+        )
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
@@ -116,6 +136,11 @@ class Intake:
         control_channel = await self._broker.consume_channel(prefetch_count=32)
         control = await declare_control_queue(control_channel, self._topology)
         await control.consume(self._on_control)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._bulk.run(), name="bulk feed")
+            await self._follow()
+
+    async def _follow(self) -> None:
         while not self._stopped:
             events = [self._pool.capacity_event, self._dispatcher.ended_event]
             try:
@@ -125,15 +150,23 @@ class Intake:
                 log.exception("could not adjust the consumer; retrying")
                 await asyncio.sleep(FOLLOW_RETRY_S)
                 continue
-            await _first_set(events)
+            await first_set(events)
 
     async def stop(self) -> None:
-        """Stop taking new work (running tasks go on)."""
+        """Stop taking new work (running tasks go on); what was taken is handed over."""
         self._stopped = True
+        self._bulk.stop()
         await self._cancel_consumer()
+        await self._bulk.wait_handled()
 
     def _desired_prefetch(self) -> int:
         return min(self._pool.healthy_capacity(), self._max_in_flight)
+
+    def _bulk_room(self) -> int:
+        """Bulk tasks this replica may take now: up to SCHEDULER_WINDOW beyond its slots."""
+        if self._stopped or self._pool.healthy_capacity() == 0:
+            return 0
+        return self._desired_prefetch() + self._window - self._dispatcher.in_flight
 
     async def _follow_capacity(self) -> bool:
         """Make the consumer's window follow the pool; False while waiting to grow it.
@@ -202,12 +235,45 @@ class Intake:
     async def _handle(self, message: AbstractIncomingMessage) -> Outcome | None:
         request = self._decode(message)
         if isinstance(request, TransformRequest):
+            priority = _priority(message, request)
+            if self._fair and (priority is Priority.BULK) != (message.routing_key == BULK_KEY):
+                await self._move(message, priority)
+                return Handled()
             batch = await self._trusted_batch(message, request)
-            return await self._dispatcher.submit(message, request, batch, self._reply(message))
+            reply = self._reply(message)
+            return await self._dispatcher.submit(message, request, batch, reply, priority)
         if isinstance(request, BatchTransformRequest):
-            await self._expand(message, request)
+            self._catalog.get(request.style_type)
+            batch_id = request.batch_id or _valid_message_id(message, BATCH_ID_PATTERN)
+            await self._batches.feed(message, request, batch_id, self._reply(message))
             return Handled()
         raise InvalidRequest("cancel requests go to routing key 'cancel', not the work queue")
+
+    async def _move(self, message: AbstractIncomingMessage, priority: Priority) -> None:
+        """Publish the request, unchanged, to the queue of its priority class (then acked).
+
+        Our reserved `x-` headers are kept only on a message we published ourselves; the
+        broker's (`x-delivery-count`...) never, so the copy starts its own count.
+        """
+        ours = message.app_id == APP_ID
+        headers = {
+            name: value
+            for name, value in (message.headers or {}).items()
+            if not name.startswith("x-") or (ours and name in BATCH_HEADERS)
+        }
+        key = BULK_KEY if priority is Priority.BULK else "transform"
+        await until_confirmed(
+            lambda: self._publisher.publish_request(
+                key,
+                message.body,
+                headers=headers,
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                reply_to=message.reply_to,
+            )
+        )
+        if priority is Priority.BULK:
+            self._bulk.nudge()
 
     def _decode(
         self, message: AbstractIncomingMessage
@@ -242,31 +308,6 @@ class Intake:
             log.warning("reply_to ignored", extra=ctx(reply_to=safe_text(reply_to, 300)))
             return None
         return Reply(reply_to, message.correlation_id)
-
-    async def _expand(self, message: AbstractIncomingMessage, batch: BatchTransformRequest) -> None:
-        self._catalog.get(batch.style_type)
-        batch_id = batch.batch_id or _valid_message_id(message, BATCH_ID_PATTERN)
-        size = len(batch.image_urls)
-        await records.register_batch(self._store, batch_id, batch)
-        reply = self._reply(message)
-        for index, url in enumerate(batch.image_urls):
-            request = TransformRequest(
-                task_id=batch_task_id(batch_id, index),
-                image_url=url,
-                **batch.model_dump(exclude={"batch_id", "image_urls"}, exclude_none=True),
-            )
-            body = request.model_dump_json(exclude_none=True).encode()
-            headers = {"x-batch-id": batch_id, "x-batch-index": index, "x-batch-size": size}
-            publish = functools.partial(
-                self._publisher.publish_request,
-                "transform",
-                body,
-                headers=headers,
-                reply_to=reply.reply_to if reply else None,
-                correlation_id=reply.correlation_id if reply else None,
-            )
-            await until_confirmed(publish)
-        log.info("batch expanded", extra=ctx(batch_id=batch_id, user_id=batch.user_id, size=size))
 
     async def _crashed(self, message: AbstractIncomingMessage) -> Outcome:
         """Requeue (counted); on the last allowed delivery tell the user first, if we can."""
@@ -307,16 +348,6 @@ class _Invalid(InvalidRequest):
     def __init__(self, message: str, user_id: str | None) -> None:
         super().__init__(message)
         self.user_id = user_id
-
-
-async def _first_set(events: list[asyncio.Event]) -> None:
-    """Return when any of `events` is set."""
-    waiters = [asyncio.create_task(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 def _decode_cancel(body: bytes) -> CancelRequest:
@@ -395,14 +426,17 @@ def _failed_event(
 
 def _batch_ref(message: AbstractIncomingMessage) -> BatchRef | None:
     """The batch headers, when they are well formed (whether to trust them is asked later)."""
-    headers = message.headers or {}
-    batch_id, index, size = (headers.get(name) for name in BATCH_HEADERS)
-    if not (is_valid_id(batch_id, BATCH_ID_PATTERN) and _is_int(index) and _is_int(size)):
+    batch_id = (message.headers or {}).get("x-batch-id")
+    index, size = header_int(message, "x-batch-index"), header_int(message, "x-batch-size")
+    if not (is_valid_id(batch_id, BATCH_ID_PATTERN) and index is not None and size is not None):
         return None
     if not 0 <= index < size <= MAX_BATCH_SIZE:
         return None
     return BatchRef(batch_id=str(batch_id), index=index, size=size)
 
 
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _priority(message: AbstractIncomingMessage, request: TransformRequest) -> Priority:
+    """The request's class: its `priority`, else the queue it was published to."""
+    if request.priority is not None:
+        return Priority.BULK if request.priority == "bulk" else Priority.INTERACTIVE
+    return Priority.BULK if message.routing_key == BULK_KEY else Priority.INTERACTIVE

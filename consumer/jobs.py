@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.comfy.scheduling import Demand, Priority
 from consumer.state import task_key
 from consumer.workflows import Style
 from contracts import ErrorCode, EventKind, TaskStatus
@@ -78,6 +79,14 @@ class Job:
     previous_prompt: tuple[str, str] | None = None  # (instance, prompt_id) of an earlier run
     timings_ms: dict[str, int] = field(default_factory=dict)
     handles: list[AbstractIncomingMessage] = field(default_factory=list)
+    priority: Priority = Priority.INTERACTIVE
+
+    @property
+    def demand(self) -> Demand:
+        """What the task asks of the pool: node classes, models, class and owner."""
+        return Demand(
+            self.style.required_node_classes, self.style.models, self.priority, self.user_id
+        )
 
     @property
     def user_id(self) -> str:

@@ -1,6 +1,7 @@
 """Every Prometheus metric of the service, bound to an injected registry.
 
-Label sets are bounded: style, status, stage, instance, event, code, kind. Never a task id.
+Label sets are bounded: style, status, stage, instance, event, code, kind, priority. Never a
+task id.
 Instance gauges are read from the pool at scrape time, so they are never stale.
 """
 
@@ -95,6 +96,25 @@ class Metrics:
         )
         self.tasks_in_flight = Gauge(
             f"{PREFIX}_tasks_in_flight", "Tasks this replica is running", registry=reg
+        )
+        self.queue_wait_seconds = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "Accepted to first start on an instance, by priority class",
+            ["priority"],
+            buckets=STAGE_BUCKETS_S,
+            registry=reg,
+        )
+        self.model_loads = Counter(
+            f"{PREFIX}_model_loads",
+            "Model loads instances reported (loader nodes not served from their cache)",
+            ["instance"],
+            registry=reg,
+        )
+        self.model_load_seconds = Counter(
+            f"{PREFIX}_model_load_seconds",
+            "Time instances spent loading models for our prompts",
+            ["instance"],
+            registry=reg,
         )
 
     def watch_instances(self, read: Callable[[], Iterable[InstanceGauge]]) -> None:

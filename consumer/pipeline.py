@@ -16,11 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from consumer.comfy.scheduling import Priority
 from consumer.decode_budget import DecodeBudget
 from consumer.errors import InstanceStuck, InstanceUnavailable, TaskTimeout, TransientError
 from consumer.fetch import ImageFetcher
 from consumer.images import NormalisedImage, normalise, probe, release_freed_memory
 from consumer.logs import ctx
+from consumer.settings import SchedulerPolicy
 from consumer.storage import OutputStore, upload_presigned
 from consumer.workflows import RenderParams
 
@@ -158,7 +160,7 @@ class Pipeline:
     async def _execute_once(
         self, job: Job, image: NormalisedImage, exclude: set[str]
     ) -> list[tuple[OutputImage, bytes]]:
-        async with self._pool.slot(job.style.required_node_classes, exclude=exclude) as instance:
+        async with self._pool.slot(job.demand, exclude=exclude) as instance:
             job.instance = instance.name
             self._record_queued(job)
             with self._stage(job, "execute"):
@@ -170,14 +172,24 @@ class Pipeline:
         client = instance.client
         name = f"{job.task_id}-{job.attempt}-{uuid.uuid4().hex[:8]}.png"
         ref = await client.upload_image(image.png, name, UPLOAD_SUBFOLDER)
-        run = await client.submit(job.style.render(self._params(job, ref)))
+        front = job.priority is Priority.INTERACTIVE and self._pool.policy is SchedulerPolicy.FAIR
+        run = await client.submit(job.style.render(self._params(job, ref)), front=front)
         job.prompt_id, job.run = run.prompt_id, run  # a shutdown acts on it: Dispatcher.drain
         try:
             await self._announce(job, run)
             images = await self._wait_reporting(job, run, instance.name)
         finally:
             job.run = None
+        self._learn_loads(job, instance, run)
         return [(img, await client.view(img)) for img in images]
+
+    def _learn_loads(self, job: Job, instance: Instance, run: PromptRun) -> None:
+        """Count the model loads the prompt paid, and teach the pool what they cost."""
+        loads = instance.memory.observe(job.style.loaders, run.cached_nodes, run.node_seconds)
+        for load in loads:
+            self._metrics.model_loads.labels(instance.name).inc()
+            self._metrics.model_load_seconds.labels(instance.name).inc(load.seconds)
+        self._pool.learn(loads)
 
     async def _announce(self, job: Job, run: PromptRun) -> None:
         """Record and publish the start; cancelled meanwhile, the prompt is withdrawn."""
@@ -260,6 +272,8 @@ class Pipeline:
         """Accepted to first start on an instance (the contract's `timings_ms.queued`)."""
         if "queued" not in job.timings_ms:
             self._record(job, "queued", job.accepted_at)
+            waited_s = time.monotonic() - job.accepted_at
+            self._metrics.queue_wait_seconds.labels(job.priority.label).observe(waited_s)
 
     def _record(self, job: Job, stage: str, started: float) -> None:
         elapsed_s = time.monotonic() - started

@@ -85,6 +85,12 @@ async def batch_owned(store: TaskStateStore, ref: BatchRef, request: TransformRe
     return record is not None and record.batch_id == ref.batch_id
 
 
+async def batch_registered(store: TaskStateStore, user_id: str, batch_id: str) -> bool:
+    """Whether `user_id` owns a batch `batch_id` that was registered (its first task exists)."""
+    record = await store.get(task_key(user_id, batch_task_id(batch_id, 0)))
+    return record is not None and record.batch_id == batch_id
+
+
 async def batch_task_ids(store: TaskStateStore, user_id: str, batch_id: str) -> list[str]:
     """The recorded tasks of `user_id`'s batch, in order."""
     ids = []

@@ -35,6 +35,11 @@ class StateBackend(StrEnum):
     REDIS = "redis"
 
 
+class SchedulerPolicy(StrEnum):
+    FAIR = "fair"  # model affinity, interactive before bulk, bulk shared fairly by user
+    FIFO = "fifo"  # arrival order, least-loaded instance: the baseline, for comparison
+
+
 class ComfyInstanceSettings(BaseModel):
     """One ComfyUI server of the pool."""
 
@@ -116,6 +121,13 @@ class Settings(BaseSettings):
     comfyui_outage_grace_s: float = Field(default=30.0, gt=0)
     comfyui_ws_heartbeat_s: float = Field(default=15.0, gt=0)
     max_concurrent_tasks: int = Field(default=10, ge=1)
+
+    # Scheduling
+    scheduler: SchedulerPolicy = SchedulerPolicy.FAIR
+    scheduler_window: int = Field(default=2, ge=0, le=64)  # bulk tasks held beyond free slots
+    scheduler_batch_slice: int = Field(default=4, ge=1, le=50)  # batch tasks fed per turn
+    scheduler_bulk_poll_s: float = Field(default=1.0, gt=0, le=60)
+    model_load_estimate_s: float = Field(default=10.0, ge=0)  # until a load was observed
 
     # Tasks
     task_timeout_s: float = Field(default=600.0, gt=0)

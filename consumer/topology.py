@@ -9,6 +9,7 @@ dead-letter exchange, lengths, TTL), so RabbitMQ 3.10 and 4.x behave the same. O
 arguments 3.10 accepts are used.
 
     requests (direct) --transform, transform.batch--> transform (quorum, DLX dlx, limit 5)
+             \\--transform.bulk, transform.batch.bulk--> transform.bulk (same arguments)
              \\--cancel--> control (fanout) --> <prefix>.control.<random> (exclusive, per replica)
     events (topic, alternate-exchange unrouted) --> subscribers' queues
     unrouted (fanout) --> unrouted (quorum, max 10000 messages, 24 h TTL)
@@ -25,6 +26,9 @@ from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 TRANSFORM_KEYS = ("transform", "transform.batch")
+BULK_KEY = "transform.bulk"  # a bulk task (batch tasks, or a request with priority bulk)
+BULK_BATCH_KEY = "transform.batch.bulk"  # a batch still to feed, from its `x-batch-offset`
+BULK_KEYS = (BULK_KEY, BULK_BATCH_KEY)
 CANCEL_KEY = "cancel"
 DEFAULT_DELIVERY_LIMIT = 5
 UNROUTED_MAX_LENGTH = 10_000
@@ -70,6 +74,10 @@ class Topology:
         return f"{self.prefix}.transform"
 
     @property
+    def bulk(self) -> str:
+        return f"{self.prefix}.transform.bulk"
+
+    @property
     def control(self) -> str:
         return f"{self.prefix}.control"
 
@@ -103,6 +111,7 @@ class Topology:
         """The durable quorum queues, with every behaviour-defining argument explicit."""
         return [
             QueueSpec(self.transform, self._transform_arguments(delivery_limit)),
+            QueueSpec(self.bulk, self._transform_arguments(delivery_limit)),
             QueueSpec(
                 self.unrouted,
                 {
@@ -126,8 +135,10 @@ class Topology:
 
     def bindings(self) -> list[BindingSpec]:
         work = [BindingSpec(self.requests, self.transform, "queue", key) for key in TRANSFORM_KEYS]
+        bulk = [BindingSpec(self.requests, self.bulk, "queue", key) for key in BULK_KEYS]
         return [
             *work,
+            *bulk,
             BindingSpec(self.requests, self.control, "exchange", CANCEL_KEY),
             BindingSpec(self.unrouted, self.unrouted, "queue"),
             BindingSpec(self.dlx, self.dead, "queue"),

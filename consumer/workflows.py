@@ -63,6 +63,19 @@ _FIELD_OF_INPUT: Mapping[tuple[str, str], str] = MappingProxyType(
         ("checkpoint", "ckpt_name"): "checkpoint",
     }
 )
+# Node classes that load a model into the instance's memory -> the input naming the file.
+MODEL_LOADER_INPUTS: Mapping[str, str] = MappingProxyType(
+    {
+        "CheckpointLoaderSimple": "ckpt_name",
+        "CheckpointLoader": "ckpt_name",
+        "ImageOnlyCheckpointLoader": "ckpt_name",
+        "UNETLoader": "unet_name",
+        "LoraLoader": "lora_name",
+        "LoraLoaderModelOnly": "lora_name",
+        "ControlNetLoader": "control_net_name",
+        "UpscaleModelLoader": "model_name",
+    }
+)
 _PER_TASK_INPUTS = frozenset(
     {("input_image", "image"), ("output", "filename_prefix"), ("sampler", "seed")}
 )
@@ -104,8 +117,14 @@ class Style:
     checkpoint: str
     template_name: str
     required_node_classes: frozenset[str]
+    loaders: Mapping[str, str] = field(default_factory=dict)  # loader node id -> model file
     graph: Mapping[str, Mapping[str, Any]] = field(repr=False)
     node_ids: Mapping[str, str] = field(repr=False)  # title -> node id
+
+    @property
+    def models(self) -> frozenset[str]:
+        """The model files (checkpoint, LoRAs, ...) an instance holds in memory to run it."""
+        return frozenset(self.loaders.values())
 
     def render(self, params: RenderParams) -> Graph:
         """A new API-format prompt for one task; the style's graph is left untouched."""
@@ -274,9 +293,25 @@ def _build_style(
         **resolved.model_dump(exclude={"template"}),
         template_name=resolved.template,
         required_node_classes=frozenset(node["class_type"] for node in graph.values()),
+        loaders=MappingProxyType(_loaders(graph)),
         graph=MappingProxyType(graph),
         node_ids=MappingProxyType(dict(template.node_ids)),
     )
+
+
+def _loaders(graph: Graph) -> dict[str, str]:
+    """Each model-loading node of a finished graph and the model file it loads.
+
+    Read once when the catalog loads, so that the scheduler knows a style's models (the
+    checkpoint of styles.toml, LoRAs set through overrides) without parsing graphs per task.
+    """
+    found = {}
+    for node_id, node in graph.items():
+        input_name = MODEL_LOADER_INPUTS.get(node["class_type"])
+        value = node["inputs"].get(input_name) if input_name else None
+        if isinstance(value, str):
+            found[node_id] = value
+    return found
 
 
 def _check_override(where: str, template: _Template, title: str, input_name: str) -> None:

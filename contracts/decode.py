@@ -30,6 +30,8 @@ REQUEST_MODELS: Mapping[str, type[TransformRequest | BatchTransformRequest | Can
         {
             "transform": TransformRequest,
             "transform.batch": BatchTransformRequest,
+            "transform.bulk": TransformRequest,
+            "transform.batch.bulk": BatchTransformRequest,
             "cancel": CancelRequest,
         }
     )

@@ -35,6 +35,7 @@ from contracts.fields import (
 from contracts.ids import MAX_BATCH_SIZE
 
 SchemaVersion = Literal[1]
+Priority = Literal["interactive", "bulk"]
 
 _REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, frozen=True)
 _EVENT_CONFIG = ConfigDict(
@@ -113,6 +114,12 @@ class TransformRequest(_StyleParams):
         "twice. Absent: the AMQP message_id, else a fresh UUID4.",
     )
     image_url: HttpUrl = Field(description="The photo, fetched with GET.")
+    priority: Priority | None = Field(
+        default=None,
+        description="`interactive` (a person waits for it) or `bulk` (background work, shared "
+        "fairly between users, run on capacity interactive work leaves free). Absent: "
+        "interactive on routing key `transform`, bulk on `transform.bulk`.",
+    )
     output: OutputTarget | None = Field(
         default=None, description="Optional: upload the result to a URL of yours."
     )
@@ -137,6 +144,12 @@ class BatchTransformRequest(_StyleParams):
     )
     image_urls: list[HttpUrl] = Field(
         min_length=1, max_length=MAX_BATCH_SIZE, description="The photos, in order."
+    )
+    priority: Priority | None = Field(
+        default=None,
+        description="Absent or `bulk`: the tasks are bulk work, fed to the bulk queue a few "
+        "at a time so that concurrent batches of different users progress interleaved. "
+        "`interactive`: every task is queued at once as an interactive request.",
     )
 
 

@@ -6,13 +6,17 @@ from consumer.comfy.instance import Instance, InstanceStats
 from consumer.comfy.messages import OutputImage
 from consumer.comfy.pool import InstancePool
 from consumer.comfy.run import PromptRun
+from consumer.comfy.scheduling import Demand, ModelLoad, Priority
 
 __all__ = [
     "ClientTimeouts",
     "ComfyClient",
+    "Demand",
     "Instance",
     "InstancePool",
     "InstanceStats",
+    "ModelLoad",
     "OutputImage",
+    "Priority",
     "PromptRun",
 ]

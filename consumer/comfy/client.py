@@ -157,14 +157,15 @@ class ComfyClient:
         folder = str(body.get("subfolder") or "")
         return f"{folder}/{body['name']}" if folder else str(body["name"])
 
-    async def submit(self, prompt: Mapping[str, Any]) -> PromptRun:
-        """Queue an API-format prompt; raises ComfyRejected (400) or InstanceUnavailable."""
+    async def submit(self, prompt: Mapping[str, Any], *, front: bool = False) -> PromptRun:
+        """Queue an API-format prompt (`front`: ahead of the prompts already queued there);
+        raises ComfyRejected (400) or InstanceUnavailable."""
         if not await self.wait_connected():
             raise InstanceUnavailable(f"no websocket to {self.base_url}: not submitting")
         run = PromptRun(str(uuid.uuid4()), frozenset(prompt), self)
         self._runs[run.prompt_id] = run
         try:
-            await self._post_prompt(run, prompt)
+            await self._post_prompt(run, prompt, front)
         except InstanceUnavailable as exc:
             self.forget(run.prompt_id)
             if isinstance(exc.__cause__, TimeoutError):
@@ -184,8 +185,14 @@ class ComfyClient:
         except InstanceUnavailable as exc:
             log.warning("could not withdraw prompt %s from %s: %s", prompt_id, self.base_url, exc)
 
-    async def _post_prompt(self, run: PromptRun, prompt: Mapping[str, Any]) -> None:
-        body = {"prompt": prompt, "client_id": self.client_id, "prompt_id": run.prompt_id}
+    async def _post_prompt(self, run: PromptRun, prompt: Mapping[str, Any], front: bool) -> None:
+        body: dict[str, object] = {
+            "prompt": prompt,
+            "client_id": self.client_id,
+            "prompt_id": run.prompt_id,
+        }
+        if front:
+            body["front"] = True
         answer = await self._http.post_json("/prompt", body)
         if answer.status in {_BAD_REQUEST, _TOO_LARGE}:
             reason = describe_rejection(answer.json(), prompt)

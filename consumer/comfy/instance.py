@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from consumer.comfy.client import ComfyClient
+from consumer.comfy.scheduling import ModelMemory
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class InstanceStats:
     mean_execute_s: float | None
     consecutive_failures: int
     websocket_connected: bool
+    models: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +54,7 @@ class Instance:
         self.quarantined_until = 0.0  # the breaker is open until then, whatever probes say
         self.last_released_at = time.monotonic()
         self.wake = asyncio.Event()  # set to make the health loop probe now
+        self.memory = ModelMemory()
         self._recent_s: deque[float] = deque(maxlen=_RECENT_RUNS)
         self._logged_missing: set[frozenset[str]] = set()
 
@@ -110,6 +113,7 @@ class Instance:
             mean_execute_s=self.mean_execute_s,
             consecutive_failures=self.consecutive_failures,
             websocket_connected=self.client.connected,
+            models=tuple(sorted(self.memory.loaded)),
         )
 
 

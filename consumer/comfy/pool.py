@@ -2,13 +2,19 @@
 
     pool = await stack.enter_async_context(InstancePool(settings.instances(), ...))
     group.create_task(pool.run())                  # health probes, until cancelled
-    async with pool.slot(style.required_node_classes, exclude={"gpu-1"}) as instance:
+    demand = Demand(style.required_node_classes, style.models, Priority.BULK, owner=user_id)
+    async with pool.slot(demand, exclude={"gpu-1"}) as instance:
         run = await instance.client.submit(prompt)
 
-Dispatch: the healthy instance with the most free slots that offers every required node
-class (ties: the one idle longest); when all are full, callers wait first-come
-first-served. A slot is released on every way out of the `async with`; leaving it with
-`InstanceUnavailable` takes the instance out until the next probe answers.
+Dispatch (`SCHEDULER=fair`): free slots go to interactive waiters first (in arrival
+order), then to bulk waiters, the owner holding fewest bulk slots first (fair sharing
+between users). Each waiter gets a free instance that already holds its models when there
+is one; else, while a busy instance holds them, it waits for it up to one estimated load
+time (its patience), leaving the free slot to others; then it takes the free instance whose
+models fewest waiters want, cheapest to load first. `SCHEDULER=fifo` is the plain policy:
+arrival order, the instance with the most free slots (ties: the one idle longest). A slot
+is released on every way out of the `async with`; leaving it with `InstanceUnavailable`
+takes the instance out until the next probe answers.
 
 Health: every `health_interval_s`, GET /system_stats and check the WebSocket. A failing
 instance is taken out and probed with exponential backoff capped at
@@ -21,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,20 +39,25 @@ from typing import Self
 from consumer.comfy.client import ComfyClient
 from consumer.comfy.http import ClientTimeouts
 from consumer.comfy.instance import Instance, InstanceStats, breaker_delay_s
+from consumer.comfy.scheduling import Demand, LoadEstimates, ModelLoad, Priority
 from consumer.errors import InstanceStuck, InstanceUnavailable, WorkflowInvalid
-from consumer.settings import ComfyInstanceSettings
+from consumer.settings import ComfyInstanceSettings, SchedulerPolicy
 
 log = logging.getLogger(__name__)
 QUARANTINE_BASE_S = 1.0  # first breaker-open period after a stuck prompt, doubling in a row
+DEFAULT_LOAD_PRIOR_S = 10.0  # a model load's estimate until one was seen
+ANY_DEMAND = Demand()  # no node classes, no models, interactive
+MAX_OWNERS_REMEMBERED = 1024  # owners whose last bulk grant is kept for taking turns
 
 ClientFactory = Callable[[ComfyInstanceSettings], ComfyClient]
 
 
 @dataclass(eq=False, slots=True)
 class _Waiter:
-    required: frozenset[str]
+    demand: Demand
     exclude: frozenset[str]
     future: asyncio.Future[Instance]
+    since: float  # loop time it began to wait
 
 
 class InstancePool:
@@ -64,6 +76,8 @@ class InstancePool:
         outage_grace_s: float = 30.0,
         ws_heartbeat_s: float = 15.0,
         client_factory: ClientFactory | None = None,
+        policy: SchedulerPolicy = SchedulerPolicy.FAIR,
+        load_prior_s: float = DEFAULT_LOAD_PRIOR_S,
     ) -> None:
         if not instances:
             raise ValueError("an InstancePool needs at least one ComfyUI instance")
@@ -80,7 +94,12 @@ class InstancePool:
         self._health_interval_s = health_interval_s
         self._breaker_max_backoff_s = breaker_max_backoff_s
         self._quarantine_base_s = max(health_interval_s, QUARANTINE_BASE_S)
+        self.policy = policy
+        self.load_estimates = LoadEstimates(load_prior_s)
         self._waiters: deque[_Waiter] = deque()
+        self._bulk_held: Counter[str] = Counter()  # bulk slots held, by owner
+        self._bulk_served: dict[str, float] = {}  # owner -> loop time of its last bulk grant
+        self._timer: asyncio.TimerHandle | None = None  # re-dispatch when a patience ends
         self._capacity_event = asyncio.Event()
         self._clients: AsyncExitStack | None = None
 
@@ -93,12 +112,17 @@ class InstancePool:
     # -- public -----------------------------------------------------------------------
 
     def slot(
-        self, required_nodes: frozenset[str] = frozenset(), exclude: Iterable[str] = ()
+        self, demand: Demand = ANY_DEMAND, exclude: Iterable[str] = ()
     ) -> AbstractAsyncContextManager[Instance]:
-        """Hold one slot on a healthy instance that has `required_nodes`; avoid `exclude`
-        (instance names) when another capable instance is healthy. Raises WorkflowInvalid
-        when no instance of the pool offers the required node classes."""
-        return self._slot(frozenset(required_nodes), frozenset(exclude))
+        """Hold one slot on a healthy instance that has the demand's node classes; avoid
+        `exclude` (instance names) when another capable instance is healthy. Raises
+        WorkflowInvalid when no instance of the pool offers the required node classes."""
+        return self._slot(demand, frozenset(exclude))
+
+    def learn(self, loads: Iterable[ModelLoad]) -> None:
+        """Loads a finished prompt paid, to estimate the next ones."""
+        for load in loads:
+            self.load_estimates.learn(load)
 
     def find(self, name: str) -> Instance | None:
         """The instance called `name`, if the pool has one."""
@@ -138,6 +162,9 @@ class InstancePool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         clients, self._clients = self._clients, None
         if clients is not None:
             await clients.aclose()
@@ -161,10 +188,8 @@ class InstancePool:
     # -- dispatch ---------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _slot(
-        self, required: frozenset[str], exclude: frozenset[str]
-    ) -> AsyncIterator[Instance]:
-        instance = await self._acquire(required, exclude)
+    async def _slot(self, demand: Demand, exclude: frozenset[str]) -> AsyncIterator[Instance]:
+        instance = await self._acquire(demand, exclude)
         started = time.monotonic()
         try:
             yield instance
@@ -180,45 +205,129 @@ class InstancePool:
             instance.consecutive_stuck = 0
             instance.record_execution(time.monotonic() - started)
         finally:
-            self._release(instance)
+            self._release(instance, demand)
 
-    async def _acquire(self, required: frozenset[str], exclude: frozenset[str]) -> Instance:
-        self._check_satisfiable(required)
-        waiter = _Waiter(required, exclude, asyncio.get_running_loop().create_future())
+    async def _acquire(self, demand: Demand, exclude: frozenset[str]) -> Instance:
+        self._check_satisfiable(demand.required_nodes)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(demand, exclude, loop.create_future(), loop.time())
         self._waiters.append(waiter)
         self._dispatch()
         try:
             return await waiter.future
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
-                self._release(waiter.future.result())  # granted as we were cancelled
+                self._release(waiter.future.result(), demand)  # granted as we were cancelled
             raise
         finally:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
 
     def _dispatch(self) -> None:
-        """Hand free slots to waiters in arrival order, skipping those no free instance suits."""
-        for waiter in list(self._waiters):
+        """Hand free slots to waiters in their turn, skipping those no free instance suits."""
+        now = asyncio.get_running_loop().time()
+        for waiter in self._in_turn():
             if waiter.future.done():
                 continue
-            instance = self._pick(waiter.required, waiter.exclude)
+            instance = self._pick(waiter, now)
             if instance is not None:
-                instance.in_flight += 1
-                waiter.future.set_result(instance)
+                self._grant(waiter, instance)
 
-    def _pick(self, required: frozenset[str], exclude: frozenset[str]) -> Instance | None:
-        capable = [i for i in self.instances if i.healthy and i.can_run(required)]
-        preferred = [i for i in capable if i.name not in exclude] or capable
+    def _in_turn(self) -> Iterator[_Waiter]:
+        """Waiters in the order they are served: all of them by arrival (fifo); else
+        interactive ones by arrival, then bulk ones: the owner holding fewest slots first,
+        then the one served longest ago (re-read after every grant, so owners alternate)."""
+        if self.policy is SchedulerPolicy.FIFO:
+            yield from list(self._waiters)
+            return
+        bulk = []
+        for waiter in list(self._waiters):
+            if waiter.demand.priority is Priority.INTERACTIVE:
+                yield waiter
+            else:
+                bulk.append(waiter)
+        while bulk:
+            turn = min(bulk, key=self._bulk_turn)  # min() is stable: ties go by arrival
+            bulk.remove(turn)
+            yield turn
+
+    def _bulk_turn(self, waiter: _Waiter) -> tuple[int, float]:
+        owner = waiter.demand.owner
+        return self._bulk_held[owner], self._bulk_served.get(owner, -math.inf)
+
+    def _pick(self, waiter: _Waiter, now: float) -> Instance | None:
+        demand = waiter.demand
+        capable = [i for i in self.instances if i.healthy and i.can_run(demand.required_nodes)]
+        preferred = [i for i in capable if i.name not in waiter.exclude] or capable
         free = [i for i in preferred if i.free > 0]
         if not free:
             return None
-        return max(free, key=lambda i: (i.free, -i.last_released_at))
+        if self.policy is SchedulerPolicy.FIFO or not demand.models:
+            return max(free, key=lambda i: (i.free, -i.last_released_at))
+        warm = [i for i in free if i.memory.holds(demand.models)]
+        if warm:
+            return max(warm, key=lambda i: (i.free, -i.last_released_at))
+        choice = min(
+            free,
+            key=lambda i: (
+                self._wanted(i.memory.loaded, waiter),
+                self.load_estimates.cost_s(i.memory, demand.models),
+                -i.free,
+                i.last_released_at,
+            ),
+        )
+        # Its models are loaded on a busy instance: wait for it, at most as long as the load
+        # it would pay here (the estimate), so no task waits for affinity more than one load.
+        patience_ends = waiter.since + self.load_estimates.cost_s(choice.memory, demand.models)
+        if now < patience_ends and any(i.memory.holds(demand.models) for i in preferred):
+            self._wake_at(patience_ends)
+            return None
+        return choice
 
-    def _release(self, instance: Instance) -> None:
+    def _wanted(self, models: frozenset[str], besides: _Waiter) -> int:
+        """How many other waiters would run without a load on an instance holding `models`."""
+        return sum(
+            1
+            for w in self._waiters
+            if w is not besides and not w.future.done() and w.demand.models <= models
+        )
+
+    def _grant(self, waiter: _Waiter, instance: Instance) -> None:
+        instance.in_flight += 1
+        instance.memory.queued(waiter.demand.models)
+        if waiter.demand.priority is Priority.BULK:
+            owner = waiter.demand.owner
+            self._bulk_held[owner] += 1
+            self._bulk_served[owner] = asyncio.get_running_loop().time()
+        waiter.future.set_result(instance)
+
+    def _wake_at(self, when: float) -> None:
+        """Dispatch again at `when` (the earliest pending patience end wins)."""
+        if self._timer is not None and self._timer.when() <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _release(self, instance: Instance, demand: Demand) -> None:
         instance.in_flight -= 1
         instance.last_released_at = time.monotonic()
+        if demand.priority is Priority.BULK:
+            self._bulk_held[demand.owner] -= 1
+            if self._bulk_held[demand.owner] <= 0:
+                del self._bulk_held[demand.owner]
+            if len(self._bulk_served) > MAX_OWNERS_REMEMBERED:
+                self._forget_idle_owners()
         self._dispatch()
+
+    def _forget_idle_owners(self) -> None:
+        """Bound `_bulk_served`: drop owners with no bulk work here."""
+        active = set(self._bulk_held) | {w.demand.owner for w in self._waiters}
+        self._bulk_served = {o: t for o, t in self._bulk_served.items() if o in active}
 
     def _check_satisfiable(self, required: frozenset[str]) -> None:
         """WorkflowInvalid once every instance's node classes are known and none has them all."""
@@ -236,7 +345,7 @@ class InstancePool:
     def _fail_hopeless_waiters(self) -> None:
         for waiter in self._waiters:
             try:
-                self._check_satisfiable(waiter.required)
+                self._check_satisfiable(waiter.demand.required_nodes)
             except WorkflowInvalid as exc:
                 if not waiter.future.done():
                     waiter.future.set_exception(exc)
@@ -293,6 +402,7 @@ class InstancePool:
         if instance.healthy:
             log.warning("instance %s taken out: %s", instance.name, reason)
             instance.healthy = False
+            instance.memory.forget()
             self._capacity_changed()
 
     def _all_down(self) -> None:

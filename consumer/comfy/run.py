@@ -76,6 +76,9 @@ class PromptRun:
         self._cancel_requested = False
         self._left_for_adoption = False
         self._seen_images: list[OutputImage] = []
+        self.cached_nodes: frozenset[str] = frozenset()  # as `execution_cached` listed them
+        self.node_seconds: dict[str, float] = {}  # executed node -> seconds, by the socket
+        self._current: tuple[str, float] | None = None  # the node executing, since when
 
     def __repr__(self) -> str:
         state = "done" if self.done else ("running" if self.started else "queued")
@@ -106,9 +109,11 @@ class PromptRun:
             case ExecutionStart():
                 self.mark_started()
             case ExecutionCached(nodes=nodes):
+                self.cached_nodes = nodes
                 self._tracker.cached(nodes)
             case Executing(node=node):
                 self.mark_started()
+                self._time_node(node)
                 self._tracker.executing(node)
             case Progress(node=node, value=value, max=maximum):
                 self._tracker.progress(node, value, maximum)
@@ -116,6 +121,7 @@ class PromptRun:
                 self._seen_images.extend(images)
                 self._tracker.executed(node)
             case ExecutionSuccess():
+                self._time_node(None)
                 self.settle(Verdict.FINISHED)
             case ExecutionFailed() | ExecutionInterrupted():
                 self.fail(self._failure(event))
@@ -267,6 +273,14 @@ class PromptRun:
 
     def _cancelled(self) -> TaskCancelled:
         return TaskCancelled(f"prompt {self.prompt_id} on {self._remote.base_url} was cancelled")
+
+    def _time_node(self, node: str | None) -> None:
+        """A node's time runs from its `executing` to the next one (or the prompt's end)."""
+        now = time.monotonic()
+        if self._current is not None:
+            previous, since = self._current
+            self.node_seconds[previous] = self.node_seconds.get(previous, 0.0) + now - since
+        self._current = (node, now) if node is not None else None
 
     def _notify(self) -> None:
         self._changed.set()

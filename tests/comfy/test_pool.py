@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.comfy import InstancePool
+from consumer.comfy import Demand, InstancePool
 from consumer.errors import InstanceUnavailable, WorkflowInvalid
 from consumer.settings import ComfyInstanceSettings
 from consumer.testing.comfyui_emulator import ComfyEmulator
@@ -101,7 +101,7 @@ async def test_prompts_spread_over_instances_within_capacity(tmp_path: Path) -> 
 
         async def job(index: int) -> int:
             nonlocal peak
-            async with pool.slot(frozenset({"LoadImage", "SaveImage"})) as instance:
+            async with pool.slot(Demand(frozenset({"LoadImage", "SaveImage"}))) as instance:
                 peak = max(peak, instance.in_flight)
                 client = instance.client
                 image = await client.upload_image(png_bytes(), f"spread-{index}.png")
@@ -117,7 +117,7 @@ async def test_node_class_no_instance_has_is_workflow_invalid(tmp_path: Path) ->
     """Once every instance was probed, an unknown required class raises WorkflowInvalid."""
     async with running_pool(tmp_path, 2) as (pool, _):
         with pytest.raises(WorkflowInvalid, match="a lacks NoSuchNode; b lacks NoSuchNode"):
-            async with pool.slot(frozenset({"NoSuchNode"})):
+            async with pool.slot(Demand(frozenset({"NoSuchNode"}))):
                 pass
 
 
@@ -128,9 +128,9 @@ async def test_instance_lacking_a_node_class_never_gets_the_prompt(tmp_path: Pat
         _,
     ):
         needs = frozenset({"KSampler"})
-        async with pool.slot(needs) as first, pool.slot(needs) as second:
+        async with pool.slot(Demand(needs)) as first, pool.slot(Demand(needs)) as second:
             assert (first.name, second.name) == ("b", "b")
-        async with pool.slot(frozenset({"LoadImage"})) as any_instance:
+        async with pool.slot(Demand(frozenset({"LoadImage"}))) as any_instance:
             assert any_instance.name in {"a", "b"}
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from consumer.comfy import InstancePool
+from consumer.comfy import Demand, InstancePool
 from consumer.comfy.instance import breaker_delay_s
 from consumer.errors import InstanceUnavailable, WorkflowInvalid
 from consumer.settings import ComfyInstanceSettings
@@ -137,7 +137,7 @@ async def test_missing_node_classes_are_never_dispatched() -> None:
     """An instance without a required class is skipped even when it is the freest."""
     pool = make_pool(4, 1)
     pool.instances[0].node_classes = frozenset({"LoadImage"})
-    async with pool.slot(frozenset({"KSampler"})) as instance:
+    async with pool.slot(Demand(frozenset({"KSampler"}))) as instance:
         assert instance.name == "i1"
 
 
@@ -145,7 +145,7 @@ async def test_requirement_no_instance_meets_is_workflow_invalid() -> None:
     """When every instance's classes are known and none has them all: WorkflowInvalid."""
     pool = make_pool(1, 1)
     with pytest.raises(WorkflowInvalid, match="i0 lacks NoSuchNode"):
-        async with pool.slot(frozenset({"NoSuchNode", "KSampler"})):
+        async with pool.slot(Demand(frozenset({"NoSuchNode", "KSampler"}))):
             pass
 
 
@@ -154,7 +154,7 @@ async def test_unknown_node_classes_make_callers_wait() -> None:
     pool = make_pool(1, 1)
     pool.instances[1].node_classes = None
     with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.05), pool.slot(frozenset({"NoSuchNode"})):
+        async with asyncio.timeout(0.05), pool.slot(Demand(frozenset({"NoSuchNode"}))):
             pass
 
 

@@ -41,6 +41,7 @@ MESSAGE_MODELS: dict[str, Any] = {
 TOPOLOGY = {
     "style.requests",
     "style.transform",
+    "style.transform.bulk",
     "style.control",
     "style.events",
     "style.unrouted",

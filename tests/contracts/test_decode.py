@@ -46,7 +46,8 @@ def test_unknown_routing_key_is_refused_with_the_user():
     """An unknown routing key lists the known ones and still recovers the sender."""
     error = invalid("transfrom", GOOD)
     assert error.message == (
-        "unknown routing key 'transfrom' (expected one of: cancel, transform, transform.batch)"
+        "unknown routing key 'transfrom' (expected one of: cancel, transform, "
+        "transform.batch, transform.batch.bulk, transform.bulk)"
     )
     assert error.user_id == "user-42"
 
