@@ -1,6 +1,7 @@
 """The service: owns every resource and long-lived loop, and shuts down in phases.
 
-resources (AsyncExitStack)   store, HTTP session, image fetcher, ComfyUI pool, broker, sidecar
+resources (AsyncExitStack)   store, HTTP session, image fetcher, ComfyUI pool, broker,
+                             output store (local or S3), sidecar
 loops (TaskGroup)            pool health probes, dispatcher (owns the tasks), intake, clean-up
 shutdown (on `stop` Event)   stop intake -> drain tasks up to SHUTDOWN_GRACE_S -> interrupt
                              the rest (their deliveries given back: nack) -> wait for settles
@@ -28,12 +29,13 @@ from consumer.intake import Intake
 from consumer.leases import Leases
 from consumer.logs import ctx
 from consumer.metrics import InstanceGauge, Metrics
+from consumer.outputs import open_output_store
 from consumer.pipeline import Pipeline, PipelineConfig
 from consumer.reporter import Reporter
 from consumer.settle import Settler
 from consumer.sidecar import Sidecar, SidecarDeps
 from consumer.state import MemoryTaskStore, RedisTaskStore, TaskStateStore
-from consumer.storage import LocalOutputStore
+from consumer.storage import LocalOutputStore, OutputStore
 from consumer.topology import Topology
 from consumer.workflows import StyleCatalog
 
@@ -120,20 +122,20 @@ class Service:
         self._broker = await stack.enter_async_context(
             Broker(s.amqp_url.get_secret_value(), heartbeat_s=s.amqp_heartbeat_s, name=self.name)
         )
-        outputs = LocalOutputStore(s.output_dir, s.public_base_url)
+        outputs = await stack.enter_async_context(open_output_store(s))
         self._wire(fetcher, outputs)
         deps = SidecarDeps(
             view=self,
             store=self._store,
             registry=self.metrics.registry,
-            outputs=outputs,
+            outputs=outputs if isinstance(outputs, LocalOutputStore) else None,  # /outputs
             token=s.sidecar_token.get_secret_value() if s.sidecar_token else None,
         )
         sidecar = await stack.enter_async_context(Sidecar(deps, s.sidecar_host, s.sidecar_port))
         self.sidecar_port = sidecar.port
         self._outputs = outputs
 
-    def _wire(self, fetcher: ImageFetcher, outputs: LocalOutputStore) -> None:
+    def _wire(self, fetcher: ImageFetcher, outputs: OutputStore) -> None:
         s = self.settings
         broker, pool, store = (
             self._require(self._broker),

@@ -28,11 +28,19 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 SIDECAR_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: any client can send it
+MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4's limit on a presigned URL's lifetime
+S3_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
+S3_PREFIX_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 class StateBackend(StrEnum):
     MEMORY = "memory"
     REDIS = "redis"
+
+
+class OutputBackend(StrEnum):
+    LOCAL = "local"  # OUTPUT_DIR, served by the sidecar's /outputs
+    S3 = "s3"  # any S3-compatible object store (consumer/object_store.py)
 
 
 class SchedulerPolicy(StrEnum):
@@ -159,6 +167,22 @@ class Settings(BaseSettings):
     public_base_url: str = "http://localhost:8080"
     output_upload_timeout_s: float = Field(default=60.0, gt=0)
 
+    # Outputs in an object store (OUTPUT_STORE=s3: AWS, MinIO, R2, OSS, Ceph). Credentials are
+    # the AWS_* variables when set, else the client's role chain (web identity, ECS, IMDS).
+    output_store: OutputBackend = OutputBackend.LOCAL
+    output_s3_bucket: str | None = Field(default=None, validate_default=True)
+    output_s3_endpoint_url: str | None = None  # unset: AWS, from the region
+    output_s3_region: str | None = None  # else AWS_REGION, else us-east-1
+    output_s3_prefix: str = ""  # keys are <prefix><token>/<filename>
+    output_s3_force_path_style: bool = False  # true for MinIO and most Ceph gateways
+    output_s3_sweep: bool = True  # delete objects older than TASK_CLEANUP_HOURS
+    output_url_expiry_s: int = Field(default=MAX_PRESIGN_S, ge=1, le=MAX_PRESIGN_S)
+    output_public_base_url: str | None = None  # public bucket or CDN: unsigned URLs
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = Field(default=None, validate_default=True)
+    aws_session_token: SecretStr | None = None
+    aws_region: str | None = None
+
     # Task state
     state_backend: StateBackend = StateBackend.MEMORY
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
@@ -208,6 +232,46 @@ class Settings(BaseSettings):
                 "(e.g. `openssl rand -hex 32`), or bind SIDECAR_HOST=127.0.0.1"
             )
         return value if token else None
+
+    @field_validator("output_s3_bucket")
+    @classmethod
+    def _s3_bucket(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value and not S3_BUCKET_NAME.fullmatch(value):
+            raise ValueError(f"not a bucket name: {value!r}")
+        if not value and info.data.get("output_store") == OutputBackend.S3:
+            raise ValueError("OUTPUT_STORE=s3 needs a bucket: set OUTPUT_S3_BUCKET")
+        return value or None
+
+    @field_validator("output_s3_endpoint_url", "output_public_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        """An http(s) URL with a host and no query: a base that keys are appended to."""
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {value!r}")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("give a plain base URL, without query, fragment or credentials")
+        return value.rstrip("/")
+
+    @field_validator("output_s3_prefix")
+    @classmethod
+    def _s3_prefix(cls, value: str) -> str:
+        """Empty, or `/`-separated parts of `[A-Za-z0-9._-]` (no leading dot) ending in `/`."""
+        parts = value.strip("/").split("/") if value.strip("/") else []
+        if not all(S3_PREFIX_PART.fullmatch(part) for part in parts):
+            raise ValueError(f"use parts of [A-Za-z0-9._-] not starting with a dot: {value!r}")
+        return "".join(f"{part}/" for part in parts)
+
+    @field_validator("aws_secret_access_key")
+    @classmethod
+    def _aws_key_pair(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        secret = value.get_secret_value() if value is not None else ""
+        key_id = info.data.get("aws_access_key_id")
+        if bool(secret) != bool(key_id and key_id.get_secret_value()):
+            raise ValueError("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY together")
+        return value if secret else None
 
     @field_validator("log_level")
     @classmethod

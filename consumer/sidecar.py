@@ -171,7 +171,8 @@ def build_app(deps: SidecarDeps) -> web.Application:
     app.router.add_get("/api/v1/stats", _protected(stats))
     app.router.add_get("/api/v1/task/{task_id}", _protected(task))
     app.router.add_get("/api/v1/user/{user_id}/tasks", _protected(user_tasks))
-    app.router.add_get("/outputs/{path:.+}", output)
+    if deps.outputs is not None:  # the local store; an object store serves its own URLs
+        app.router.add_get("/outputs/{path:.+}", output)
     return app
 
 

@@ -1,5 +1,7 @@
 """Where finished images go: a local directory served by the sidecar, or a presigned PUT.
 
+(An S3-compatible bucket is the other `OutputStore`: `consumer/object_store.py`.)
+
 Outputs are stored byte for byte as ComfyUI produced them, never re-encoded.
 
 Local layout: `<root>/<token>/<filename>`, one fresh 128-bit random token per saved file,
@@ -35,9 +37,16 @@ _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class OutputStore(Protocol):
-    """Stores one output image and returns the URL it can be fetched from."""
+    """Stores output images and returns the URLs they can be fetched from.
+
+    Implementations: `LocalOutputStore` here, `S3OutputStore` in `consumer.object_store`.
+    """
 
     async def save(self, task_id: str, filename: str, data: bytes, content_type: str) -> str: ...
+
+    async def cleanup(self, older_than_s: float) -> int:
+        """Delete outputs stored more than `older_than_s` ago; returns how many went."""
+        ...
 
 
 def safe_filename(filename: str) -> str:
