@@ -133,8 +133,9 @@ async def test_hostile_properties(hostile_run, hostile_rows, amqp_url):
 
 
 async def test_hostile_headers_and_ids(hostile_run, hostile_rows):
-    """Forged x-batch-* (even with our app_id, naming another user's batch), forged x-error-*
-    on poison, malformed header types, and cancels for ids never seen: none takes effect."""
+    """Forged x-batch-* (even with our app_id, naming another user's batch), an offset that
+    would resume another user's batch, forged x-error-* on poison, malformed header types,
+    and cancels for ids never seen: none takes effect."""
     async with hostile_run(faults=STEADY) as run:
         await run.spawn(1)
         cases = Cases(run, hostile_rows)
@@ -161,6 +162,21 @@ async def test_hostile_headers_and_ids(hostile_run, hostile_rows):
         )
         assert event is not None
         assert event["batch_id"] is None
+        rest = {**victim, "user_id": "mallory", "image_urls": victim["image_urls"] * 2}
+        run.owners[f"{batch_id}-1"] = "mallory"
+        await cases.check(
+            "x-batch-offset resuming another user's batch",
+            "headers x-batch-offset",
+            orjson.dumps(rest),
+            Expect(f"{batch_id}-1", "completed"),
+            routing_key="transform.batch.bulk",
+            headers={"x-batch-offset": 1},
+            app_id=APP_ID,
+        )
+        mallory_batch = await run.events.wait_for(
+            lambda e: e.get("event") == "batch.completed" and e.get("user_id") == "mallory", 20
+        )
+        assert mallory_batch["completed"] == 2  # the offset was ignored: fed from its start
         odd_id, odd = body(run, 21)
         odd_headers = {"x-batch-id": ["x"], "x-batch-index": 1.5, "x-batch-size": True}
         await cases.check(
@@ -192,7 +208,7 @@ async def test_hostile_headers_and_ids(hostile_run, hostile_rows):
         await run.publish_tasks(3)
         await run.finish()
     batch_events = [e for e in run.events.events if e.get("event") == "batch.completed"]
-    assert [e["user_id"] for e in batch_events] == ["victim"]
+    assert sorted(e["user_id"] for e in batch_events) == ["mallory", "victim"]
     assert not cases.failures, cases.failures
 
 
