@@ -1,8 +1,9 @@
 """`make demo`: the whole service on the embedded defaults, end to end, then exit.
 
 Starts two emulated ComfyUI instances and the service (against the local RabbitMQ),
-publishes a sample photo for every style as an app backend would, draws a progress bar per
-task from the events, and prints where each result is.
+publishes a batch of photos (bulk work) and then one photo per style (interactive work) as an
+app backend would, draws a progress bar per task from the events (the singles overtake the
+batch), prints where each result is, and ends with the figures an operator's dashboard shows.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from aiohttp import web
 from PIL import Image, ImageDraw
 
 from consumer.app import Service
+from consumer.figures import Figures
 from consumer.logs import configure_logging
 from consumer.settings import ComfyInstanceSettings, load_settings
 from consumer.testing.comfyui_emulator import ComfyEmulator, Faults
 
 USER_ID = "demo-user"
+BATCH_SIZE = 6
 STEP_SECONDS = 0.08
 BAR_WIDTH = 30
 TIMEOUT_S = 120.0
@@ -139,8 +142,12 @@ async def run_demo() -> int:
 async def _drive(service: Service, amqp_url: str, photo_url: str, output_dir: Path) -> int:
     await asyncio.wait_for(service.ready.wait(), TIMEOUT_S)
     styles = service.catalog.names()
-    tasks = {f"demo-{style}-{uuid.uuid4().hex[:6]}": style for style in styles}
+    batch_id = f"demo-batch-{uuid.uuid4().hex[:6]}"
+    batch = {f"{batch_id}-{i}": f"batch {i + 1}/{BATCH_SIZE}" for i in range(BATCH_SIZE)}
+    singles = {f"demo-{style}-{uuid.uuid4().hex[:6]}": style for style in styles}
+    tasks = batch | singles
     board = Board(tasks)
+    started = asyncio.get_running_loop().time()
     async with await aio_pika.connect(amqp_url) as connection:
         channel = await connection.channel()
         events = await channel.get_exchange(service.topology.events)
@@ -153,26 +160,46 @@ async def _drive(service: Service, amqp_url: str, photo_url: str, output_dir: Pa
 
         await queue.consume(on_event)
         requests = await channel.get_exchange(service.topology.requests)
-        print(f"publishing {len(tasks)} requests (one per style) to {service.topology.requests}\n")
-        for task_id, style in tasks.items():
+        print(
+            f"publishing a batch of {BATCH_SIZE} photos (bulk), then {len(singles)} single "
+            f"requests, one per style (interactive), to {service.topology.requests}\n"
+        )
+        await _publish(
+            requests,
+            "transform.batch",
+            {
+                "batch_id": batch_id,
+                "user_id": USER_ID,
+                "image_urls": [photo_url] * BATCH_SIZE,
+                "style_type": styles[0],
+            },
+        )
+        for task_id, style in singles.items():
             body = {
                 "task_id": task_id,
                 "user_id": USER_ID,
                 "image_url": photo_url,
                 "style_type": style,
             }
-            await requests.publish(
-                aio_pika.Message(
-                    orjson.dumps(body),
-                    content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                ),
-                "transform",
-            )
+            await _publish(requests, "transform", body)
         board.draw(final=False)
         await asyncio.wait_for(board.done.wait(), TIMEOUT_S)
     board.draw(final=True)
-    return _report(board, output_dir, service.sidecar_port)
+    elapsed_s = asyncio.get_running_loop().time() - started
+    status = _report(board, output_dir, service.sidecar_port)
+    print(Figures.read(service.metrics.registry).render(elapsed_s))
+    return status
+
+
+async def _publish(
+    exchange: aio_pika.abc.AbstractExchange, routing_key: str, body: dict[str, Any]
+) -> None:
+    message = aio_pika.Message(
+        orjson.dumps(body),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+    await exchange.publish(message, routing_key)
 
 
 def _report(board: Board, output_dir: Path, port: int | None) -> int:
