@@ -66,6 +66,7 @@ class Service:
         suffix = uuid.uuid4().hex[:6]  # containers all run as pid 1: the name must still be unique
         self.name = name or f"style-consumer-{socket.gethostname()}-{os.getpid()}-{suffix}"
         self.metrics = Metrics(registry)
+        self.metrics.broker_connected.set_function(self._broker_connected)
         self.topology = Topology(settings.amqp_prefix)
         self.catalog = StyleCatalog.load(settings.workflows_dir)
         self.ready = asyncio.Event()
@@ -215,6 +216,9 @@ class Service:
                 log.info("removed %d old output(s)", removed)
             await asyncio.sleep(CLEANUP_INTERVAL_S)
 
+    def _broker_connected(self) -> float:
+        return 1.0 if self._broker is not None and self._broker.is_connected else 0.0
+
     def _instance_gauges(self) -> list[InstanceGauge]:
         pool = self._pool
         if pool is None:
@@ -228,7 +232,6 @@ class Service:
     async def readiness(self) -> dict[str, str | None]:
         broker, intake, pool = self._broker, self._intake, self._pool
         store_ok = self._store is not None and await self._store.ping()
-        self.metrics.broker_connected.set(1 if broker and broker.is_connected else 0)
         return {
             "broker": None if broker and broker.is_connected else "broker connection down",
             "consuming": None if intake and intake.consuming.is_set() else "not consuming",

@@ -31,7 +31,7 @@ from consumer.jobs import Job, utcnow
 from consumer.logs import ctx
 from consumer.settle import Action, Crashed, Finished, Outcome, Returned, apply
 from consumer.state import task_key
-from contracts import ErrorCode, EventKind
+from contracts import ErrorCode, EventKind, TaskStatus
 from contracts.ids import is_valid_id
 from contracts.models import TaskEvent
 
@@ -308,6 +308,8 @@ class Dispatcher:
         if isinstance(outcome, Finished) and action is Action.ACK:
             event = outcome.event
             self._metrics.tasks.labels(job.style.name, event.status.value).inc()
+            if event.status is TaskStatus.FAILED and event.error is not None:
+                self._metrics.task_failures.labels(event.error.code.value).inc()
             log.info(
                 "task %s",
                 event.status.value,

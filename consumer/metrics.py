@@ -116,6 +116,12 @@ class Metrics:
             ["instance"],
             registry=reg,
         )
+        self.task_failures = Counter(  # next to `tasks` when a task ends failed: the ratio by code
+            f"{PREFIX}_task_failures",
+            "Tasks ended failed, by error code",
+            ["code"],
+            registry=reg,
+        )
 
     def watch_instances(self, read: Callable[[], Iterable[InstanceGauge]]) -> None:
         """Expose the pool's per-instance figures, read at every scrape."""

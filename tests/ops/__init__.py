@@ -1,0 +1,1 @@
+"""Ops checks: alert rules, dashboard and rule queries against a live replica and Prometheus."""
