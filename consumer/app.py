@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from consumer.broker import Broker
 from consumer.comfy import InstancePool
+from consumer.comfy.membership import InstancesFile, Membership
+from consumer.comfy.resolver import DnsResolver
 from consumer.decode_budget import DecodeBudget
 from consumer.dispatcher import Dispatcher
 from consumer.events import EventPublisher, ReplyPolicy
@@ -28,7 +30,7 @@ from consumer.fetch import ImageFetcher
 from consumer.intake import Intake
 from consumer.leases import Leases
 from consumer.logs import ctx
-from consumer.metrics import InstanceGauge, Metrics
+from consumer.metrics import InstanceGauge, MembershipFigures, Metrics
 from consumer.outputs import open_output_store
 from consumer.pipeline import Pipeline, PipelineConfig
 from consumer.reporter import Reporter
@@ -74,6 +76,7 @@ class Service:
         self._started_at = time.monotonic()
         self._broker: Broker | None = None
         self._pool: InstancePool | None = None
+        self._membership: Membership | None = None
         self._intake: Intake | None = None
         self._store: TaskStateStore | None = None
         self._dispatcher: Dispatcher | None = None
@@ -95,6 +98,8 @@ class Service:
                     group.create_task(self._cleanup_outputs(), name="cleanup"),
                     group.create_task(self._mark_ready(), name="ready"),
                 ]
+                if self._membership is not None:
+                    loops.append(group.create_task(self._membership.run(), name="membership"))
                 await stop.wait()
                 log.info("stopping: intake first, then draining running tasks")
                 await self._require(self._intake).stop()
@@ -119,7 +124,9 @@ class Service:
             )
         )
         self._pool = await stack.enter_async_context(_open_pool(s))
+        self._membership = _membership(s, self._pool)
         self.metrics.watch_instances(self._instance_gauges)
+        self.metrics.watch_membership(self._membership_figures)
         self._broker = await stack.enter_async_context(
             Broker(s.amqp_url.get_secret_value(), heartbeat_s=s.amqp_heartbeat_s, name=self.name)
         )
@@ -224,8 +231,16 @@ class Service:
         if pool is None:
             return []
         return [
-            InstanceGauge(st.name, st.in_flight, st.capacity, st.healthy) for st in pool.stats()
+            InstanceGauge(st.name, st.in_flight, st.capacity, st.healthy, st.draining)
+            for st in pool.stats()
         ]
+
+    def _membership_figures(self) -> MembershipFigures:
+        pool, membership = self._pool, self._membership
+        return MembershipFigures(
+            changes=pool.membership_changes if pool else {},
+            sources_ok=membership.sources_ok() if membership else {},
+        )
 
     # ServiceView, for the sidecar
 
@@ -295,8 +310,9 @@ async def _open_store(settings: Settings) -> AsyncIterator[TaskStateStore]:
 
 
 def _open_pool(settings: Settings) -> InstancePool:
+    """The pool, with the listed instances; `discover` entries join through `_membership`."""
     return InstancePool(
-        settings.instances(),
+        [instance for instance in settings.instances() if not instance.discover],
         connect_timeout_s=settings.comfyui_connect_timeout_s,
         request_timeout_s=settings.comfyui_request_timeout_s,
         health_interval_s=settings.comfyui_health_interval_s,
@@ -307,4 +323,19 @@ def _open_pool(settings: Settings) -> InstancePool:
         ws_heartbeat_s=settings.comfyui_ws_heartbeat_s,
         policy=settings.scheduler,
         load_prior_s=settings.model_load_estimate_s,
+        drain_grace_s=settings.comfyui_drain_grace_s,
+    )
+
+
+def _membership(settings: Settings, pool: InstancePool) -> Membership | None:
+    """DNS discovery and COMFYUI_INSTANCES_FILE, when in use (else the pool is fixed)."""
+    static, path = settings.instances(), settings.comfyui_instances_file
+    if path is None and not any(instance.discover for instance in static):
+        return None
+    return Membership(
+        pool,
+        static,
+        resolver=DnsResolver(settings.comfyui_dns_nameservers, settings.comfyui_dns_timeout_s),
+        file=InstancesFile(path, settings.comfyui_max_concurrency) if path else None,
+        interval_s=settings.comfyui_discovery_interval_s,
     )

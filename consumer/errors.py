@@ -18,7 +18,8 @@
     └── TransientError                 retry, on another instance when there is one
         ├── InstanceUnavailable        the instance died, restarted, refused or 5xx'd
         │   └── InstanceStuck          timeout  a prompt did not finish in EXECUTION_TIMEOUT_S
-        └── BrokerUnavailable          the broker did not confirm in time (nack + requeue)
+        ├── BrokerUnavailable          the broker did not confirm in time (nack + requeue)
+        └── DiscoveryFailed            a DNS look-up of instances failed: the last answer stays
 
 `internal_error` is the code of anything that is not a ConsumerError (a bug). A transient
 error that exhausts MAX_ATTEMPTS ends the task as `failed` with its own code.
@@ -116,3 +117,10 @@ class InstanceStuck(InstanceUnavailable):
     """A prompt did not finish within EXECUTION_TIMEOUT_S: interrupted, tried elsewhere."""
 
     code = ErrorCode.TIMEOUT
+
+
+class DiscoveryFailed(TransientError):
+    """Resolving a `discover` entry of the instance list failed (timeout, SERVFAIL, no
+    resolver): the membership keeps that entry's last answer and asks again later."""
+
+    code = ErrorCode.INTERNAL_ERROR

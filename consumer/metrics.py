@@ -7,11 +7,11 @@ Instance gauges are read from the pool at scrape time, so they are never stale.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PREFIX = "style_consumer"
@@ -26,6 +26,7 @@ class InstanceGauge:
     in_flight: int
     capacity: int
     healthy: bool
+    draining: bool = False
 
 
 class _InstanceCollector(Collector):
@@ -42,11 +43,48 @@ class _InstanceCollector(Collector):
         healthy = GaugeMetricFamily(
             f"{PREFIX}_instance_healthy", "1 when the instance takes work", labels=["instance"]
         )
+        draining = GaugeMetricFamily(
+            f"{PREFIX}_instance_draining",
+            "1 while the instance, removed from the membership, finishes its prompts",
+            labels=["instance"],
+        )
         for inst in self._read():
             in_flight.add_metric([inst.name], inst.in_flight)
             capacity.add_metric([inst.name], inst.capacity)
             healthy.add_metric([inst.name], 1.0 if inst.healthy else 0.0)
-        yield from (in_flight, capacity, healthy)
+            draining.add_metric([inst.name], 1.0 if inst.draining else 0.0)
+        yield from (in_flight, capacity, healthy, draining)
+
+
+@dataclass(frozen=True)
+class MembershipFigures:
+    """What the membership says at scrape time: changes so far, and its sources' health."""
+
+    changes: Mapping[str, int]  # "added" / "removed" -> count since start
+    sources_ok: Mapping[str, bool]  # "file" / "dns" -> the last read succeeded
+
+
+class _MembershipCollector(Collector):
+    def __init__(self, read: Callable[[], MembershipFigures]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        figures = self._read()
+        changes = CounterMetricFamily(
+            f"{PREFIX}_instance_membership_changes",
+            "ComfyUI instances that joined (added) or left (removed) the pool",
+            labels=["change"],
+        )
+        for change in ("added", "removed"):
+            changes.add_metric([change], figures.changes.get(change, 0))
+        sources = GaugeMetricFamily(
+            f"{PREFIX}_instance_source_ok",
+            "1 when the last read of an instance source (file, dns) succeeded",
+            labels=["source"],
+        )
+        for source, ok in sorted(figures.sources_ok.items()):
+            sources.add_metric([source], 1.0 if ok else 0.0)
+        yield from (changes, sources)
 
 
 class Metrics:
@@ -126,3 +164,7 @@ class Metrics:
     def watch_instances(self, read: Callable[[], Iterable[InstanceGauge]]) -> None:
         """Expose the pool's per-instance figures, read at every scrape."""
         self.registry.register(_InstanceCollector(read))
+
+    def watch_membership(self, read: Callable[[], MembershipFigures]) -> None:
+        """Expose the pool's membership changes and its sources' health, read at every scrape."""
+        self.registry.register(_MembershipCollector(read))

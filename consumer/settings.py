@@ -49,13 +49,16 @@ class SchedulerPolicy(StrEnum):
 
 
 class ComfyInstanceSettings(BaseModel):
-    """One ComfyUI server of the pool."""
+    """One ComfyUI server of the pool; with `discover`, one per address of the URL's host
+    name (its A/AAAA records, e.g. a Kubernetes headless Service: consumer/comfy/membership.py).
+    """
 
     model_config = {"extra": "forbid", "frozen": True}
 
     url: str
     name: str = ""
     max_concurrency: int = Field(default=2, ge=1, le=64)
+    discover: bool = False
 
     @field_validator("url")
     @classmethod
@@ -130,6 +133,13 @@ class Settings(BaseSettings):
     comfyui_ws_heartbeat_s: float = Field(default=15.0, gt=0)
     max_concurrent_tasks: int = Field(default=10, ge=1)
 
+    # ComfyUI membership: DNS discovery and an instance file, re-read (consumer/comfy/membership.py)
+    comfyui_instances_file: Path | None = None  # a JSON or YAML list, as COMFYUI_INSTANCES
+    comfyui_discovery_interval_s: float = Field(default=10.0, gt=0)  # re-resolve, re-read
+    comfyui_drain_grace_s: float = Field(default=30.0, ge=0)  # then a removed one's prompts move
+    comfyui_dns_nameservers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    comfyui_dns_timeout_s: float = Field(default=5.0, gt=0)  # per look-up, all tries together
+
     # Scheduling
     scheduler: SchedulerPolicy = SchedulerPolicy.FAIR
     scheduler_window: int = Field(default=2, ge=0, le=64)  # bulk tasks held beyond free slots
@@ -200,6 +210,19 @@ class Settings(BaseSettings):
         if not isinstance(items, list):
             return items
         return [{"url": item} if isinstance(item, str) else item for item in items]
+
+    @field_validator("comfyui_dns_nameservers", mode="before")
+    @classmethod
+    def _parse_nameservers(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("comfyui_dns_nameservers")
+    @classmethod
+    def _nameservers(cls, value: list[str]) -> list[str]:
+        """`ip` or `ip:port` (`[v6]:port`); empty: the system's resolver configuration."""
+        for item in value:
+            nameserver_address(item)
+        return value
 
     @field_validator("image_url_allowed_hosts", mode="before")
     @classmethod
@@ -282,8 +305,9 @@ class Settings(BaseSettings):
         return level
 
     def instances(self) -> list[ComfyInstanceSettings]:
-        """The pool: `COMFYUI_INSTANCES`, else `COMFYUI_BASE_URL`, else the seed's default."""
-        if self.comfyui_instances:
+        """The pool: `COMFYUI_INSTANCES` (none when only COMFYUI_INSTANCES_FILE lists them),
+        else `COMFYUI_BASE_URL`, else the seed's default."""
+        if self.comfyui_instances or self.comfyui_instances_file:
             return [
                 inst
                 if "max_concurrency" in inst.model_fields_set
@@ -292,6 +316,20 @@ class Settings(BaseSettings):
             ]
         url = self.comfyui_base_url or "http://127.0.0.1:8188"
         return [ComfyInstanceSettings(url=url, max_concurrency=self.comfyui_max_concurrency)]
+
+
+def nameserver_address(text: str) -> tuple[str, int]:
+    """`ip`, `ip:port` or `[v6]:port` as (ip, port); port 53 when not given."""
+    try:
+        return str(ipaddress.ip_address(text)), 53
+    except ValueError:
+        pass
+    parts = urlsplit(f"//{text}")
+    try:
+        port = parts.port or 53
+        return str(ipaddress.ip_address(parts.hostname or "")), port
+    except ValueError as exc:
+        raise ValueError(f"not an IP address with an optional port: {text!r}") from exc
 
 
 class SettingsError(Exception):

@@ -75,6 +75,7 @@ class ComfyClient:
         self._socket: ComfySocket | None = None
         self._reader: asyncio.Task[None] | None = None
         self._api: ComfyHttp | None = None
+        self._abandoned: str | None = None  # why it takes no more prompts (left the pool)
 
     def __repr__(self) -> str:
         state = "up" if self.connected else "down"
@@ -160,6 +161,8 @@ class ComfyClient:
     async def submit(self, prompt: Mapping[str, Any], *, front: bool = False) -> PromptRun:
         """Queue an API-format prompt (`front`: ahead of the prompts already queued there);
         raises ComfyRejected (400) or InstanceUnavailable."""
+        if self._abandoned is not None:
+            raise InstanceUnavailable(self._abandoned)
         if not await self.wait_connected():
             raise InstanceUnavailable(f"no websocket to {self.base_url}: not submitting")
         run = PromptRun(str(uuid.uuid4()), frozenset(prompt), self)
@@ -175,10 +178,32 @@ class ComfyClient:
             self.forget(run.prompt_id)
             raise
         run.accepted = True
+        if (reason := self.abandoned) is not None:  # given up while we were posting it
+            run.fail(InstanceUnavailable(reason))
+            await self._withdraw(run.prompt_id)
         return run
 
+    @property
+    def abandoned(self) -> str | None:
+        """Why this client takes no more prompts (`abandon`), or None."""
+        return self._abandoned
+
+    def abandon(self, reason: str) -> list[str]:
+        """Give our prompts up: every outstanding one, and any submitted from now on, fails
+        as `InstanceUnavailable(reason)` (retriable elsewhere). Returns their prompt ids,
+        which are still queued or running there (see `stop_prompts`)."""
+        self._abandoned = reason
+        prompt_ids = [run.prompt_id for run in self._runs.values() if run.accepted]
+        self._fail_all(reason)
+        return prompt_ids
+
+    async def stop_prompts(self, prompt_ids: list[str]) -> None:
+        """Delete the prompts from the queue and interrupt them, best effort."""
+        for prompt_id in prompt_ids:
+            await self._withdraw(prompt_id)
+
     async def _withdraw(self, prompt_id: str) -> None:
-        """The POST timed out but may have queued it: since we chose its id, remove it."""
+        """Remove a prompt we chose the id of (also when a timed-out POST may have queued it)."""
         try:
             await self._http.post_json("/queue", {"delete": [prompt_id]})
             await self._http.post_json("/interrupt", {"prompt_id": prompt_id})

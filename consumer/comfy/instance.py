@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ class InstanceStats:
     consecutive_failures: int
     websocket_connected: bool
     models: tuple[str, ...] = ()
+    draining: bool = False  # removed from the membership: no new prompts, leaves once idle
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,7 +41,9 @@ class Instance:
     """A slot counter (`in_flight` of `capacity`) plus what the health probe learnt.
 
     `node_classes` is None until /object_info was read once; it is re-read each time the
-    instance comes back, since a restart may change its custom nodes.
+    instance comes back, since a restart may change its custom nodes. A `draining` instance
+    was removed from the membership: it takes no new prompt and leaves the pool once idle
+    (consumer/comfy/members.py).
     """
 
     def __init__(self, name: str, client: ComfyClient, capacity: int) -> None:
@@ -55,16 +59,25 @@ class Instance:
         self.last_released_at = time.monotonic()
         self.wake = asyncio.Event()  # set to make the health loop probe now
         self.memory = ModelMemory()
+        self.draining = False
+        self.drain_deadline = math.inf  # loop time its running prompts are given up at
+        self.given_up = False  # its prompts were given up: it cannot be restored, only leave
         self._recent_s: deque[float] = deque(maxlen=_RECENT_RUNS)
         self._logged_missing: set[frozenset[str]] = set()
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else "out"
+        state += " draining" if self.draining else ""
         return f"<Instance {self.name} {state} busy={self.in_flight}/{self.capacity}>"
 
     @property
     def url(self) -> str:
         return self.client.base_url
+
+    @property
+    def serving(self) -> bool:
+        """Takes new prompts: healthy and not draining."""
+        return self.healthy and not self.draining
 
     @property
     def free(self) -> int:
@@ -114,6 +127,7 @@ class Instance:
             consecutive_failures=self.consecutive_failures,
             websocket_connected=self.client.connected,
             models=tuple(sorted(self.memory.loaded)),
+            draining=self.draining,
         )
 
 

@@ -1,10 +1,11 @@
 """`InstancePool`: health-checked ComfyUI instances and fair, capacity-bounded dispatch.
 
     pool = await stack.enter_async_context(InstancePool(settings.instances(), ...))
-    group.create_task(pool.run())                  # health probes, until cancelled
+    group.create_task(pool.run())                  # members' health loops, until cancelled
     demand = Demand(style.required_node_classes, style.models, Priority.BULK, owner=user_id)
     async with pool.slot(demand, exclude={"gpu-1"}) as instance:
         run = await instance.client.submit(prompt)
+    pool.reconcile(desired)                        # membership (consumer/comfy/membership.py)
 
 Dispatch (`SCHEDULER=fair`): free slots go to interactive waiters first (in arrival
 order), then to bulk waiters, the owner holding fewest bulk slots first (fair sharing
@@ -16,10 +17,13 @@ arrival order, the instance with the most free slots (ties: the one idle longest
 is released on every way out of the `async with`; leaving it with `InstanceUnavailable`
 takes the instance out until the next probe answers.
 
-Health: every `health_interval_s`, GET /system_stats and check the WebSocket. A failing
-instance is taken out and probed with exponential backoff capped at
-`breaker_max_backoff_s` (a circuit breaker); it goes back when it answers, after its
-/object_info was read again.
+Health (consumer/comfy/health.py): each instance has a loop that probes it and takes it out
+or puts it back (a circuit breaker with exponential backoff).
+
+Membership (consumer/comfy/members.py): `reconcile(desired)` makes the pool hold the
+desired instances. A new one joins out of service, until its health loop brings it in; a
+removed one drains (no new prompt; it leaves once idle) and its prompts still running
+`drain_grace_s` later are given up: retried elsewhere as `InstanceUnavailable`.
 """
 
 from __future__ import annotations
@@ -30,15 +34,17 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
 from consumer.comfy.client import ComfyClient
+from consumer.comfy.health import HealthPolicy, watch
 from consumer.comfy.http import ClientTimeouts
-from consumer.comfy.instance import Instance, InstanceStats, breaker_delay_s
+from consumer.comfy.instance import Instance, InstanceStats
+from consumer.comfy.members import ClientFactory, Roster
 from consumer.comfy.scheduling import Demand, LoadEstimates, ModelLoad, Priority
 from consumer.errors import InstanceStuck, InstanceUnavailable, WorkflowInvalid
 from consumer.settings import ComfyInstanceSettings, SchedulerPolicy
@@ -46,10 +52,9 @@ from consumer.settings import ComfyInstanceSettings, SchedulerPolicy
 log = logging.getLogger(__name__)
 QUARANTINE_BASE_S = 1.0  # first breaker-open period after a stuck prompt, doubling in a row
 DEFAULT_LOAD_PRIOR_S = 10.0  # a model load's estimate until one was seen
+DEFAULT_DRAIN_GRACE_S = 30.0  # a removed instance's prompts may run this long, then given up
 ANY_DEMAND = Demand()  # no node classes, no models, interactive
 MAX_OWNERS_REMEMBERED = 1024  # owners whose last bulk grant is kept for taking turns
-
-ClientFactory = Callable[[ComfyInstanceSettings], ComfyClient]
 
 
 @dataclass(eq=False, slots=True)
@@ -78,9 +83,8 @@ class InstancePool:
         client_factory: ClientFactory | None = None,
         policy: SchedulerPolicy = SchedulerPolicy.FAIR,
         load_prior_s: float = DEFAULT_LOAD_PRIOR_S,
+        drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
     ) -> None:
-        if not instances:
-            raise ValueError("an InstancePool needs at least one ComfyUI instance")
         self._timeouts = ClientTimeouts(
             connect_s=connect_timeout_s,
             request_s=request_timeout_s,
@@ -90,8 +94,12 @@ class InstancePool:
             ws_heartbeat_s=ws_heartbeat_s,
         )
         make = client_factory or (lambda s: ComfyClient(s.url, timeouts=self._timeouts))
-        self.instances = [Instance(s.label, make(s), s.max_concurrency) for s in instances]
-        self._health_interval_s = health_interval_s
+        self._roster = Roster(
+            make, host=self, drain_grace_s=drain_grace_s, withdraw_timeout_s=connect_timeout_s
+        )
+        for settings in instances:
+            self._roster.admit(settings)
+        self._health = HealthPolicy(health_interval_s, breaker_max_backoff_s, connect_timeout_s)
         self._breaker_max_backoff_s = breaker_max_backoff_s
         self._quarantine_base_s = max(health_interval_s, QUARANTINE_BASE_S)
         self.policy = policy
@@ -101,13 +109,22 @@ class InstancePool:
         self._bulk_served: dict[str, float] = {}  # owner -> loop time of its last bulk grant
         self._timer: asyncio.TimerHandle | None = None  # re-dispatch when a patience ends
         self._capacity_event = asyncio.Event()
-        self._clients: AsyncExitStack | None = None
+        self._entered = False
 
     def __repr__(self) -> str:
         busy = sum(i.in_flight for i in self.instances)
         total = sum(i.capacity for i in self.instances)
         healthy, queued = self.healthy_capacity(), len(self._waiters)
-        return f"<InstancePool busy={busy}/{total} healthy={healthy} queued={queued}>"
+        draining = sum(i.draining for i in self.instances)
+        return (
+            f"<InstancePool busy={busy}/{total} healthy={healthy} queued={queued}"
+            f" draining={draining}>"
+        )
+
+    @property
+    def instances(self) -> list[Instance]:
+        """The members, draining ones included (until they leave)."""
+        return self._roster.instances
 
     # -- public -----------------------------------------------------------------------
 
@@ -125,12 +142,12 @@ class InstancePool:
             self.load_estimates.learn(load)
 
     def find(self, name: str) -> Instance | None:
-        """The instance called `name`, if the pool has one."""
-        return next((i for i in self.instances if i.name == name), None)
+        """The instance called `name`, if the pool has one (and is not draining it)."""
+        return next((i for i in self.instances if i.name == name and not i.draining), None)
 
     def healthy_capacity(self) -> int:
-        """Total slots of the healthy instances (the consumer's prefetch)."""
-        return sum(i.capacity for i in self.instances if i.healthy)
+        """Total slots of the healthy instances not draining (the consumer's prefetch)."""
+        return sum(i.capacity for i in self.instances if i.serving)
 
     async def capacity_changed(self) -> None:
         """Return when `healthy_capacity()` changes."""
@@ -141,19 +158,28 @@ class InstancePool:
         """Set at the next change of `healthy_capacity()` (take it before checking)."""
         return self._capacity_event
 
+    @property
+    def membership_event(self) -> asyncio.Event:
+        """Set at the next join, drain, restore or leave (take it before checking)."""
+        return self._roster.event
+
+    @property
+    def membership_changes(self) -> dict[str, int]:
+        """Members added and removed since start ("added", "removed")."""
+        return {"added": self._roster.changes["added"], "removed": self._roster.changes["removed"]}
+
     def stats(self) -> list[InstanceStats]:
         return [i.stats() for i in self.instances]
 
+    def reconcile(self, desired: Sequence[ComfyInstanceSettings]) -> None:
+        """Make the members the `desired` instances: new ones join (out of service until
+        probed), missing ones drain and leave. Before `run()`, applied when it starts."""
+        self._roster.reconcile(desired)
+
     async def __aenter__(self) -> Self:
         """Open every instance's client (session + WebSocket)."""
-        stack = AsyncExitStack()
-        try:
-            for instance in self.instances:
-                await stack.enter_async_context(instance.client)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._clients = stack
+        await self._roster.open_clients()
+        self._entered = True
         return self
 
     async def __aexit__(
@@ -165,25 +191,32 @@ class InstancePool:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        clients, self._clients = self._clients, None
-        if clients is not None:
-            await clients.aclose()
+        self._entered = False
+        await self._roster.close_clients()
 
     async def run(self) -> None:
-        """Probe every instance until cancelled (entering the pool first if not done yet)."""
-        if self._clients is None:
-            async with self:
-                await self._watch_all()
+        """Run every member until cancelled (entering the pool first if not done yet)."""
+        if self._entered:
+            await self._run_members()
         else:
-            await self._watch_all()
+            async with self:
+                await self._run_members()
 
-    async def _watch_all(self) -> None:
+    async def _run_members(self) -> None:
         try:
-            async with asyncio.TaskGroup() as group:
-                for instance in self.instances:
-                    group.create_task(self._watch(instance), name=f"health {instance.name}")
+            await self._roster.run()
         finally:
             self._all_down()
+
+    # Host, for the roster
+
+    async def watch(self, instance: Instance) -> None:
+        """The health loop of one member, until cancelled."""
+        await watch(instance, self._health, put_back=self._put_back, take_out=self._take_out)
+
+    def serving_changed(self) -> None:
+        self._capacity_changed()
+        self._dispatch()
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -257,7 +290,7 @@ class InstancePool:
 
     def _pick(self, waiter: _Waiter, now: float) -> Instance | None:
         demand = waiter.demand
-        capable = [i for i in self.instances if i.healthy and i.can_run(demand.required_nodes)]
+        capable = [i for i in self.instances if i.serving and i.can_run(demand.required_nodes)]
         preferred = [i for i in capable if i.name not in waiter.exclude] or capable
         free = [i for i in preferred if i.free > 0]
         if not free:
@@ -322,6 +355,7 @@ class InstancePool:
                 del self._bulk_held[demand.owner]
             if len(self._bulk_served) > MAX_OWNERS_REMEMBERED:
                 self._forget_idle_owners()
+        self._roster.released(instance)
         self._dispatch()
 
     def _forget_idle_owners(self) -> None:
@@ -330,13 +364,15 @@ class InstancePool:
         self._bulk_served = {o: t for o, t in self._bulk_served.items() if o in active}
 
     def _check_satisfiable(self, required: frozenset[str]) -> None:
-        """WorkflowInvalid once every instance's node classes are known and none has them all."""
-        if not required or any(i.node_classes is None for i in self.instances):
+        """WorkflowInvalid once every member's node classes are known and none has them all
+        (members draining do not count; with none left, waiters wait for one to join)."""
+        members = [i for i in self.instances if not i.draining]
+        if not required or not members or any(i.node_classes is None for i in members):
             return
-        if any(not i.missing(required) for i in self.instances):
+        if any(not i.missing(required) for i in members):
             return
         lacks = "; ".join(
-            f"{i.name} lacks {', '.join(sorted(i.missing(required)))}" for i in self.instances
+            f"{i.name} lacks {', '.join(sorted(i.missing(required)))}" for i in members
         )
         raise WorkflowInvalid(
             f"no ComfyUI instance offers the node classes this workflow needs: {lacks}"
@@ -350,44 +386,7 @@ class InstancePool:
                 if not waiter.future.done():
                     waiter.future.set_exception(exc)
 
-    # -- health -----------------------------------------------------------------------
-
-    async def _watch(self, instance: Instance) -> None:
-        while True:
-            reason = await self._probe(instance)
-            if reason is None and instance.quarantined:
-                reason = "circuit open: its prompts stopped finishing"
-            if reason is None:
-                self._put_back(instance)
-            else:
-                instance.consecutive_failures += 1
-                self._take_out(instance, reason)
-            await self._sleep(instance)
-
-    async def _probe(self, instance: Instance) -> str | None:
-        """None when the instance answers and its socket is up; else why not."""
-        client = instance.client
-        try:
-            await client.system_stats()
-            if not await client.wait_connected(self._timeouts.connect_s):
-                return "its websocket is not connected"
-            if instance.node_classes is None or not instance.healthy:
-                instance.node_classes = await client.node_classes()
-                instance.forget_node_classes_log()
-        except InstanceUnavailable as exc:
-            return str(exc)
-        return None
-
-    async def _sleep(self, instance: Instance) -> None:
-        delay_s = breaker_delay_s(
-            instance.consecutive_failures, self._health_interval_s, self._breaker_max_backoff_s
-        )
-        if instance.quarantined:
-            delay_s = max(delay_s, instance.quarantined_until - time.monotonic())
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay_s):
-                await instance.wake.wait()
-        instance.wake.clear()
+    # -- health verdicts --------------------------------------------------------------
 
     def _put_back(self, instance: Instance) -> None:
         instance.consecutive_failures = 0

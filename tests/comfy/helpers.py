@@ -26,10 +26,13 @@ FAST = ClientTimeouts(
 )
 
 
-def fast_pool(settings: Sequence[ComfyInstanceSettings]) -> InstancePool:
+def fast_pool(
+    settings: Sequence[ComfyInstanceSettings], drain_grace_s: float = 30.0
+) -> InstancePool:
     """A pool with the FAST client timeouts and quick health probes."""
     return InstancePool(
         settings,
+        drain_grace_s=drain_grace_s,
         connect_timeout_s=FAST.connect_s,
         request_timeout_s=FAST.request_s,
         health_interval_s=0.1,
