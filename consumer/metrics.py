@@ -148,6 +148,11 @@ class Metrics:
             ["instance"],
             registry=reg,
         )
+        self.preemptions = Counter(
+            f"{PREFIX}_preemptions",
+            "Staged bulk prompts withdrawn to give their place to interactive work",
+            registry=reg,
+        )
         self.model_load_seconds = Counter(
             f"{PREFIX}_model_load_seconds",
             "Time instances spent loading models for our prompts",

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from consumer.comfy.preemption import Preempted
 from consumer.comfy.scheduling import Priority
 from consumer.decode_budget import DecodeBudget
 from consumer.errors import InstanceStuck, InstanceUnavailable, TaskTimeout, TransientError
@@ -143,6 +144,11 @@ class Pipeline:
         while True:
             try:
                 return await self._execute_once(job, image, failed_on)
+            except Preempted:  # its place went to interactive work: wait again, same attempt
+                self._metrics.preemptions.inc()
+                log.info(
+                    "staged prompt gave way to interactive work", extra=ctx(**job.log_fields())
+                )
             except InstanceUnavailable as exc:  # not BrokerUnavailable: that is no attempt's fault
                 if job.attempt >= self._cfg.max_attempts:
                     raise
@@ -172,16 +178,37 @@ class Pipeline:
         client = instance.client
         name = f"{job.task_id}-{job.attempt}-{uuid.uuid4().hex[:8]}.png"
         ref = await client.upload_image(image.png, name, UPLOAD_SUBFOLDER)
-        front = job.priority is Priority.INTERACTIVE and self._pool.policy is SchedulerPolicy.FAIR
+        fair = self._pool.policy is SchedulerPolicy.FAIR
+        front = fair and job.priority is Priority.INTERACTIVE
         run = await client.submit(job.style.render(self._params(job, ref)), front=front)
         job.prompt_id, job.run = run.prompt_id, run  # a shutdown acts on it: Dispatcher.drain
         try:
+            if fair and job.priority is Priority.BULK:
+                await self._give_way_if_asked(instance, run)
             await self._announce(job, run)
             images = await self._wait_reporting(job, run, instance.name)
         finally:
             job.run = None
         self._learn_loads(job, instance, run)
         return [(img, await client.view(img)) for img in images]
+
+    async def _give_way_if_asked(self, instance: Instance, run: PromptRun) -> None:
+        """Until the bulk prompt starts, interactive work may ask for its place: then it is
+        withdrawn from the instance's queue and `Preempted` raised (the slot is released).
+        The wait counts toward the attempt's EXECUTION_TIMEOUT_S only through `wait()`."""
+        with self._pool.staged.holding(instance) as asked:
+            waits = [asyncio.ensure_future(run.wait_started()), asyncio.ensure_future(asked.wait())]
+            try:
+                await asyncio.wait(
+                    waits,
+                    timeout=self._cfg.execution_timeout_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+        if asked.is_set() and await run.withdraw():
+            raise Preempted(f"prompt {run.prompt_id} withdrawn from {instance.name}")
 
     def _learn_loads(self, job: Job, instance: Instance, run: PromptRun) -> None:
         """Count the model loads the prompt paid, and teach the pool what they cost."""

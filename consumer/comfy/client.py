@@ -270,6 +270,13 @@ class ComfyClient:
         await self._http.post_json("/interrupt", {"prompt_id": prompt_id})
         return True
 
+    async def withdraw_prompt(self, prompt_id: str) -> bool:
+        """Delete our prompt from the queue unless it started; True when it is neither
+        pending nor running afterwards (deleted, or already finished)."""
+        await self._http.post_json("/queue", {"delete": [prompt_id]})
+        state = await self.queue()
+        return prompt_id not in state.running and prompt_id not in state.pending
+
     def _rekey(self, run: PromptRun, prompt_id: str) -> None:
         self.forget(run.prompt_id)
         run.prompt_id = prompt_id

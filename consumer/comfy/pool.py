@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -45,6 +46,7 @@ from consumer.comfy.health import HealthPolicy, watch
 from consumer.comfy.http import ClientTimeouts
 from consumer.comfy.instance import Instance, InstanceStats
 from consumer.comfy.members import ClientFactory, Roster
+from consumer.comfy.preemption import StagedPrompts
 from consumer.comfy.scheduling import Demand, LoadEstimates, ModelLoad, Priority
 from consumer.errors import InstanceStuck, InstanceUnavailable, WorkflowInvalid
 from consumer.settings import ComfyInstanceSettings, SchedulerPolicy
@@ -63,6 +65,7 @@ class _Waiter:
     exclude: frozenset[str]
     future: asyncio.Future[Instance]
     since: float  # loop time it began to wait
+    asked: bool = False  # it asked a staged bulk prompt for its place (consumer.comfy.preemption)
 
 
 class InstancePool:
@@ -104,6 +107,7 @@ class InstancePool:
         self._quarantine_base_s = max(health_interval_s, QUARANTINE_BASE_S)
         self.policy = policy
         self.load_estimates = LoadEstimates(load_prior_s)
+        self.staged = StagedPrompts()  # bulk prompts queued on an instance, not started
         self._waiters: deque[_Waiter] = deque()
         self._bulk_held: Counter[str] = Counter()  # bulk slots held, by owner
         self._bulk_served: dict[str, float] = {}  # owner -> loop time of its last bulk grant
@@ -265,6 +269,22 @@ class InstancePool:
             instance = self._pick(waiter, now)
             if instance is not None:
                 self._grant(waiter, instance)
+        if self.policy is SchedulerPolicy.FAIR:
+            self._ask_for_places()
+
+    def _ask_for_places(self) -> None:
+        """Each interactive task left waiting asks one staged bulk prompt for its place (one
+        holding its models first); the slot that prompt releases is then the task's."""
+        for waiter in self._waiters:
+            demand = waiter.demand
+            if waiter.future.done() or waiter.asked or demand.priority is not Priority.INTERACTIVE:
+                continue
+            waiter.asked = self.staged.ask_one(
+                suits=functools.partial(_may_run, waiter),
+                prefer=functools.partial(_holds, demand.models),
+            )
+            if not waiter.asked:
+                return
 
     def _in_turn(self) -> Iterator[_Waiter]:
         """Waiters in the order they are served: all of them by arrival (fifo); else
@@ -309,10 +329,16 @@ class InstancePool:
                 i.last_released_at,
             ),
         )
-        # Its models are loaded on a busy instance: wait for it, at most as long as the load
-        # it would pay here (the estimate), so no task waits for affinity more than one load.
-        patience_ends = waiter.since + self.load_estimates.cost_s(choice.memory, demand.models)
-        if now < patience_ends and any(i.memory.holds(demand.models) for i in preferred):
+        # Its models are on a busy instance that frees a slot sooner than a load here would
+        # take: wait for it, at most one estimated load, so no task waits longer for affinity.
+        # An instance with no execution measured yet (start-up) is not waited for.
+        load_s = self.load_estimates.cost_s(choice.memory, demand.models)
+        patience_ends = waiter.since + load_s
+        waits = not waiter.asked and any(
+            i.memory.holds(demand.models) and (i.mean_execute_s or math.inf) < load_s
+            for i in preferred
+        )
+        if now < patience_ends and waits:
             self._wake_at(patience_ends)
             return None
         return choice
@@ -412,3 +438,16 @@ class InstancePool:
     def _capacity_changed(self) -> None:
         self._capacity_event.set()
         self._capacity_event = asyncio.Event()
+
+
+def _may_run(waiter: _Waiter, instance: Instance) -> bool:
+    """Whether `instance` could serve `waiter` (serving, its node classes, not excluded)."""
+    return (
+        instance.serving
+        and instance.can_run(waiter.demand.required_nodes)
+        and instance.name not in waiter.exclude
+    )
+
+
+def _holds(models: frozenset[str], instance: Instance) -> bool:
+    return instance.memory.holds(models)

@@ -52,6 +52,7 @@ class Remote(Protocol):
 
     async def history(self, prompt_id: str) -> HistoryEntry | None: ...
     async def cancel_prompt(self, prompt_id: str, started: bool) -> bool: ...
+    async def withdraw_prompt(self, prompt_id: str) -> bool: ...
     def forget(self, prompt_id: str) -> None: ...
 
 
@@ -194,6 +195,22 @@ class PromptRun:
         prompt's id and instance. `cancel()` and `wait()`'s own deadline still stop it.
         """
         self._left_for_adoption = True
+
+    async def withdraw(self) -> bool:
+        """Take the prompt back from the instance's queue before it starts, to give its place
+        to more urgent work. True when it is gone unrun: the run is over and `wait()` must
+        not be called. False when it started or ended meanwhile: it goes on as usual."""
+        if self.started or self.done or self._cancel_requested:
+            return False
+        if not await self._remote.withdraw_prompt(self.prompt_id) or self.started:
+            return False
+        if (entry := await self._remote.history(self.prompt_id)) is not None:
+            self.settle_from_history(entry)  # it ran and finished in between
+            return False
+        self._cancel_requested = True
+        self.fail(self._cancelled())
+        self._remote.forget(self.prompt_id)
+        return True
 
     async def cancel(self) -> None:
         """Delete the prompt if still queued, interrupt it if running; only ever this one."""

@@ -206,3 +206,25 @@ async def test_interrupt_by_someone_else_is_retriable(
         assert answer.status == 200
     with pytest.raises(InstanceUnavailable, match="interrupted by someone else"):
         await run.wait()
+
+
+async def test_withdraw_takes_a_staged_prompt_back_unrun(
+    emulator: ComfyEmulator, emu_client: ComfyClient
+) -> None:
+    """A prompt still queued is withdrawn and never runs; one already running is not
+    touched by a withdraw and finishes."""
+    emulator.faults.step_seconds = 0.05
+    checkpoint = await first_checkpoint(emu_client)
+    image = await uploaded(emu_client)
+    running = await emu_client.submit(sampler_prompt(image, checkpoint, steps=10))
+    staged = await emu_client.submit(sampler_prompt(image, checkpoint, steps=10))
+    async with asyncio.timeout(5):
+        await running.wait_started()
+    assert await staged.withdraw()
+    assert staged.done
+    assert not await running.withdraw()
+    async with asyncio.timeout(10):
+        assert await running.wait()
+    await until_idle(emu_client)
+    assert await emu_client.history(staged.prompt_id) is None
+    assert emulator.prompts_executed == 1

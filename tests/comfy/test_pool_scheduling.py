@@ -99,6 +99,7 @@ async def test_a_task_waits_for_its_models_rather_than_pay_a_load(holders) -> No
     busy one when it frees, within its patience (one estimated load)."""
     pool = make_pool(1, 1, load_prior_s=60.0)
     pool.instances[0].memory.queued(A)
+    pool.instances[0].record_execution(1.0)  # it frees a slot sooner than a 60 s load
     pool.instances[1].memory.queued(B)
     running = hold(holders, pool, Demand(models=A))
     await granted(running)
@@ -108,6 +109,19 @@ async def test_a_task_waits_for_its_models_rather_than_pay_a_load(holders) -> No
     running.release()
     await granted(waiting)
     assert waiting.instance == "i0"
+
+
+async def test_no_wait_for_an_instance_whose_pace_is_unknown(holders) -> None:
+    """At start-up (no execution measured) a busy instance holding the models may itself be
+    loading them: the task takes the free instance at once rather than wait."""
+    pool = make_pool(1, 1, load_prior_s=60.0)
+    pool.instances[0].memory.queued(A)
+    pool.instances[1].memory.queued(B)
+    running = hold(holders, pool, Demand(models=A))
+    await granted(running)
+    second = hold(holders, pool, Demand(models=A))
+    await granted(second)
+    assert second.instance == "i1"
 
 
 async def test_a_rare_style_is_served_within_one_estimated_load(holders) -> None:
@@ -213,3 +227,32 @@ def test_load_estimates_learn_cold_and_recent_costs() -> None:
     assert estimates.cost_s(memory, A) == 1.0
     memory.queued(A)
     assert estimates.cost_s(memory, A) == 0.0
+
+
+async def test_interactive_work_asks_a_staged_bulk_prompt_for_its_place(holders) -> None:
+    """With every slot held by bulk work, an interactive task asks one staged bulk prompt to
+    give its place back, and gets the slot it releases before the bulk work waiting."""
+    pool = make_pool(2)
+    running, staged = hold(holders, pool, bulk()), hold(holders, pool, bulk())
+    await granted(running, staged)
+    queued_bulk = hold(holders, pool, bulk())
+    with pool.staged.holding(pool.instances[0]) as asked:
+        await until(lambda: len(pool._waiters) == 1)
+        assert not asked.is_set()  # bulk work never asks
+        interactive = hold(holders, pool, Demand(models=A))
+        async with asyncio.timeout(5):
+            await asked.wait()
+    staged.release()  # its task withdrew the prompt
+    await granted(interactive)
+    assert queued_bulk.instance is None
+
+
+async def test_fifo_never_preempts(holders) -> None:
+    """The baseline policy does not ask staged prompts for their place."""
+    pool = make_pool(1, policy=SchedulerPolicy.FIFO)
+    first = hold(holders, pool, bulk())
+    await granted(first)
+    with pool.staged.holding(pool.instances[0]) as asked:
+        hold(holders, pool, Demand(models=A))
+        await until(lambda: len(pool._waiters) == 1)
+        assert not asked.is_set()

@@ -26,13 +26,13 @@ def one_slot(make_settings, emulators):
         emulator.faults.step_seconds = STEP_S
 
     def build(**overrides):
-        return make_settings(
-            comfyui_instances=[
+        values = {
+            "comfyui_instances": [
                 ComfyInstanceSettings(url=emulators[0].url, name="gpu", max_concurrency=1)
             ],
-            scheduler_window=WINDOW,
-            **overrides,
-        )
+            "scheduler_window": WINDOW,
+        }
+        return make_settings(**(values | overrides))
 
     return build
 
@@ -63,6 +63,26 @@ async def test_interactive_overtakes_a_batch(one_slot, channel, topology, events
         ahead = [e for e in completions(events) if e["task_id"].startswith("b-")]
         await events.wait_for(lambda e: e["event"] == "batch.completed")
     assert len(ahead) <= 2, [e["task_id"] for e in ahead]
+
+
+async def test_a_staged_bulk_prompt_gives_its_place(
+    one_slot, channel, topology, emulators, events, photos
+):
+    """With two slots on the instance (one running, one staged), a single published behind
+    a batch takes the staged bulk prompt's place: it is withdrawn and runs later."""
+    photo = photos.url("photos/photo.jpg")
+    two_slots = [ComfyInstanceSettings(url=emulators[0].url, name="gpu", max_concurrency=2)]
+    async with running_service(one_slot(comfyui_instances=two_slots)) as running:
+        await publish(channel, topology, "transform.batch", batch(photo, "b", "user_a", 6))
+        await events.wait_for(lambda e: e["event"] == "started")
+        single = request(photo, user_id="user_b")
+        await publish(channel, topology, "transform", single)
+        await events.terminal(single["task_id"])
+        await events.wait_for(lambda e: e["event"] == "batch.completed")
+        preempted = running.service.metrics.preemptions._value.get()
+    assert preempted >= 1
+    assert all(e["event"] == "completed" for e in completions(events))
+    assert len(completions(events)) == 7
 
 
 async def test_fifo_keeps_the_single_behind_the_batch(one_slot, channel, topology, events, photos):
