@@ -5,20 +5,41 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from consumer.app import Service
 from consumer.errors import WorkflowInvalid
 from consumer.logs import configure_logging
 from consumer.settings import Settings, SettingsError, load_settings
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+
+@contextmanager
+def signal_handlers(stop: asyncio.Event, reload: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop`; SIGHUP calls `reload` (which only sets an Event too).
+
+    The handlers live on the running loop for the block's duration.
+    """
+    loop = asyncio.get_running_loop()
+    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: reload}
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
+    try:
+        yield
+    finally:
+        for sig in handlers:
+            loop.remove_signal_handler(sig)
+
 
 async def serve(settings: Settings) -> None:
-    """Run one replica; SIGTERM or SIGINT only set the stop event (phased shutdown follows)."""
+    """Run one replica; signals only set Events (phased shutdown, or a catalog reload)."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await Service(settings).run(stop)
+    service = Service(settings)
+    with signal_handlers(stop, service.reload_styles):
+        await service.run(stop)
 
 
 def main() -> int:

@@ -29,6 +29,7 @@ from consumer.events import EventPublisher, ReplyPolicy
 from consumer.fetch import ImageFetcher
 from consumer.intake import Intake
 from consumer.leases import Leases
+from consumer.live_catalog import LiveCatalog
 from consumer.logs import ctx
 from consumer.metrics import InstanceGauge, MembershipFigures, Metrics
 from consumer.outputs import open_output_store
@@ -39,7 +40,6 @@ from consumer.sidecar import Sidecar, SidecarDeps
 from consumer.state import MemoryTaskStore, RedisTaskStore, TaskStateStore
 from consumer.storage import LocalOutputStore, OutputStore
 from consumer.topology import Topology
-from consumer.workflows import StyleCatalog
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from consumer.settings import Settings
+    from consumer.workflows import StyleCatalog
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -70,7 +71,7 @@ class Service:
         self.metrics = Metrics(registry)
         self.metrics.broker_connected.set_function(self._broker_connected)
         self.topology = Topology(settings.amqp_prefix)
-        self.catalog = StyleCatalog.load(settings.workflows_dir)
+        self.styles = LiveCatalog(settings.workflows_dir, self.metrics)  # WorkflowInvalid
         self.ready = asyncio.Event()
         self.sidecar_port: int | None = None
         self._started_at = time.monotonic()
@@ -85,6 +86,15 @@ class Service:
     def __repr__(self) -> str:
         return f"<Service {self.name!r} {self._dispatcher!r} {self._intake!r}>"
 
+    @property
+    def catalog(self) -> StyleCatalog:
+        """The style catalog in use (replaced whole by a reload)."""
+        return self.styles.current
+
+    def reload_styles(self) -> None:
+        """Reload the style catalog now (the SIGHUP handler: it only sets an Event)."""
+        self.styles.request_reload()
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then shut down in phases."""
         async with AsyncExitStack() as stack:
@@ -97,6 +107,9 @@ class Service:
                     group.create_task(self._require(self._intake).run(), name="intake"),
                     group.create_task(self._cleanup_outputs(), name="cleanup"),
                     group.create_task(self._mark_ready(), name="ready"),
+                    group.create_task(
+                        self.styles.watch(self.settings.workflows_reload_interval_s), name="styles"
+                    ),
                 ]
                 if self._membership is not None:
                     loops.append(group.create_task(self._membership.run(), name="membership"))
@@ -184,7 +197,7 @@ class Service:
             reporter=reporter,
             settler=self._settler,
             store=store,
-            catalog=self.catalog,
+            catalog=self.styles,
             metrics=self.metrics,
             delivery_limit=s.amqp_delivery_limit,
             leases=Leases(store, self.name, s.lease_ttl_s),
@@ -199,7 +212,7 @@ class Service:
             publisher=publisher,
             replies=ReplyPolicy(s.reply_to_pattern),
             pool=pool,
-            catalog=self.catalog,
+            catalog=self.styles,
             metrics=self.metrics,
             max_message_bytes=s.max_message_bytes,
             max_in_flight=s.max_concurrent_tasks,
@@ -265,6 +278,7 @@ class Service:
             "broker_connected": bool(self._broker and self._broker.is_connected),
             "tasks_in_flight": self._dispatcher.in_flight if self._dispatcher else 0,
             "instances": instances,
+            "catalog": self.styles.describe(),
         }
 
     async def stats(self) -> dict[str, Any]:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from consumer.reporter import Reporter
     from consumer.settle import Settler
     from consumer.state import TaskRecord, TaskStateStore
-    from consumer.workflows import StyleCatalog
+    from consumer.workflows import StyleLookup
     from contracts.models import CancelRequest, TransformRequest
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Dispatcher:
         reporter: Reporter,
         settler: Settler,
         store: TaskStateStore,
-        catalog: StyleCatalog,
+        catalog: StyleLookup,
         metrics: Metrics,
         delivery_limit: int,
         leases: Leases,
@@ -180,7 +180,7 @@ class Dispatcher:
         job = Job(
             task_id=task_id,
             request=request,
-            style=self._catalog.get(request.style_type),
+            style=self._catalog.get(request.style_type),  # kept whatever reloads follow
             seed=_seed(request, record),
             batch=batch,
             reply=reply,

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from consumer.settle import Settler
     from consumer.state import TaskStateStore
     from consumer.topology import Topology
-    from consumer.workflows import StyleCatalog
+    from consumer.workflows import StyleLookup
 
 log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({"application/json", "text/json"})
@@ -79,7 +79,7 @@ class Intake:
         publisher: EventPublisher,
         replies: ReplyPolicy,
         pool: InstancePool,
-        catalog: StyleCatalog,
+        catalog: StyleLookup,
         metrics: Metrics,
         max_message_bytes: int,
         max_in_flight: int,

@@ -115,6 +115,7 @@ class Job:
             "task_id": self.task_id,
             "user_id": self.user_id,
             "style_type": self.style.name,
+            "style_version": self.style.version,
             "instance": self.instance,
             "attempt": self.attempt,
         }
@@ -130,6 +131,7 @@ class Job:
             "batch_id": self.batch.batch_id if self.batch else None,
             "batch_index": self.batch.index if self.batch else None,
             "style_type": self.style.name,
+            "style_version": self.style.version,
             "status": STATUS_OF_EVENT[kind],
             "progress": 100 if kind is EventKind.COMPLETED else self.progress,
             "attempt": self.attempt,

@@ -1,7 +1,9 @@
 """Every Prometheus metric of the service, bound to an injected registry.
 
-Label sets are bounded: style, status, stage, instance, event, code, kind, priority. Never a
-task id.
+Label sets are bounded: style, status, stage, instance, event, code, kind, priority,
+change, source. Never a
+task id. A style's version labels only `style_info`, which holds the catalog in use (cleared
+on every swap), so it stays one series per style however often the styles are edited.
 Instance gauges are read from the pool at scrape time, so they are never stale.
 """
 
@@ -164,6 +166,29 @@ class Metrics:
             "Tasks ended failed, by error code",
             ["code"],
             registry=reg,
+        )
+
+        # The style catalog. Versions are not a label of `tasks`: every edit makes a new one,
+        # and a counter keeps each series it ever had. The info gauge holds only the current
+        # versions (join on `style`); per-task versions are in the events and task records.
+        self.style_info = Gauge(
+            f"{PREFIX}_style_info",
+            "1 for each style of the catalog in use, labelled with its version",
+            ["style", "version"],
+            registry=reg,
+        )
+        self.catalog_valid = Gauge(
+            f"{PREFIX}_catalog_valid",
+            "0 while the workflows on disk fail validation (the last good catalog is used)",
+            registry=reg,
+        )
+        self.catalog_loaded_timestamp_seconds = Gauge(
+            f"{PREFIX}_catalog_loaded_timestamp_seconds",
+            "Unix time the catalog in use was loaded",
+            registry=reg,
+        )
+        self.catalog_reload_errors = Counter(
+            f"{PREFIX}_catalog_reload_errors", "Catalog reloads refused as invalid", registry=reg
         )
 
     def watch_instances(self, read: Callable[[], Iterable[InstanceGauge]]) -> None:

@@ -31,6 +31,7 @@ def new_record(job: Job) -> TaskRecord:
         task_id=job.task_id,
         user_id=job.user_id,
         style_type=job.style.name,
+        style_version=job.style.version,
         status=TaskStatus.PENDING,
         seed=job.seed,
         batch_id=job.batch.batch_id if job.batch else None,
@@ -48,6 +49,7 @@ async def record_rejection(store: TaskStateStore, event: TaskEvent) -> None:
         task_id=event.task_id,
         user_id=event.user_id,
         style_type=event.style_type or "",
+        style_version=event.style_version,
         status=event.status,
         error=event.error,
         terminal_event=event.model_dump_json(),
@@ -128,6 +130,7 @@ async def store_terminal(
     """
     changes = {
         "status": event.status,
+        "style_version": event.style_version,  # the version that ran (a redelivery: the last)
         "terminal_event": event.model_dump_json(),
         "output_image_url": event.output_image_url,
         "output_image_urls": event.output_image_urls,

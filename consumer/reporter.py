@@ -56,6 +56,7 @@ class Reporter:
             instance=job.instance,
             prompt_id=job.prompt_id,
             attempt=job.attempt,
+            style_version=job.style.version,  # a redelivery runs with the catalog in use now
         )
         event = job.event(EventKind.STARTED)
         await until_confirmed(lambda: self.publish(event))

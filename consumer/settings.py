@@ -173,6 +173,7 @@ class Settings(BaseSettings):
 
     # Workflows and outputs
     workflows_dir: Path = REPO_ROOT / "workflows"
+    workflows_reload_interval_s: float = Field(default=5.0, ge=0)  # poll for edits; 0: SIGHUP only
     output_dir: Path = Path("data/outputs")
     public_base_url: str = "http://localhost:8080"
     output_upload_timeout_s: float = Field(default=60.0, gt=0)

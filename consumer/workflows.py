@@ -18,17 +18,23 @@ A style may set any other node input with `[styles.<name>.overrides."<title>"]`;
 a bound input (say `sampler.steps`) is the same as setting the style's field (`steps`).
 Everything is checked in `StyleCatalog.load`, so a broken manifest stops the service at start-up
 with a message naming the file, the style and the node. `Style.render` is pure.
+
+Each style has a `version`: the first 12 hex digits of the sha256 of its finished graph and its
+defaults as canonical JSON (sorted keys). The same content always gives the same version,
+whatever the file layout, comments or key order; any change to what the style renders gives
+another. Reloading while running is `consumer.live_catalog`.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -38,6 +44,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
 MANIFEST_NAME = "styles.toml"
+VERSION_HEX_DIGITS = 12  # 48 bits: collisions are negligible among one style's edits
 TEMPLATES_DIR_NAME = "templates"
 REQUIRED_TITLES = ("input_image", "output")
 BOUND_INPUTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
@@ -116,6 +123,7 @@ class Style:
     scheduler: str
     checkpoint: str
     template_name: str
+    version: str  # content hash of graph + defaults (see the module docstring)
     required_node_classes: frozenset[str]
     loaders: Mapping[str, str] = field(default_factory=dict)  # loader node id -> model file
     graph: Mapping[str, Mapping[str, Any]] = field(repr=False)
@@ -146,6 +154,14 @@ class Style:
             graph[node_id]["inputs"][input_name] = value
 
 
+class StyleLookup(Protocol):
+    """What intake and the dispatcher ask of a catalog (a StyleCatalog, or a live one)."""
+
+    def get(self, style_type: str) -> Style:
+        """The style, or UnsupportedStyle."""
+        ...
+
+
 class StyleCatalog:
     """The styles of one workflows directory, by name."""
 
@@ -166,6 +182,10 @@ class StyleCatalog:
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._styles)
+
+    def versions(self) -> dict[str, str]:
+        """Each style's version, by name."""
+        return {name: style.version for name, style in self._styles.items()}
 
     def required_node_classes(self) -> frozenset[str]:
         """Every node class any style needs (what a ComfyUI instance must offer to serve all)."""
@@ -288,15 +308,28 @@ def _build_style(
     except ValidationError as exc:
         raise WorkflowInvalid(f"{where}: {_describe(exc)}") from exc
     _apply_fields(graph, template.node_ids, resolved)
+    defaults = resolved.model_dump(exclude={"template"})
     return Style(
         name=name,
-        **resolved.model_dump(exclude={"template"}),
+        **defaults,
         template_name=resolved.template,
+        version=style_version(graph, defaults),
         required_node_classes=frozenset(node["class_type"] for node in graph.values()),
         loaders=MappingProxyType(_loaders(graph)),
         graph=MappingProxyType(graph),
         node_ids=MappingProxyType(dict(template.node_ids)),
     )
+
+
+def style_version(graph: Graph, defaults: Mapping[str, Any]) -> str:
+    """The content hash of a finished graph and its defaults: canonical JSON, sha256, 12 hex."""
+    canonical = json.dumps(
+        {"graph": graph, "defaults": defaults},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:VERSION_HEX_DIGITS]
 
 
 def _loaders(graph: Graph) -> dict[str, str]:

@@ -1,7 +1,9 @@
 """The closed vocabularies of the contract: event kinds, task statuses and error codes.
 
-Every value here is part of the public contract. Adding one is a minor version of the
-contract; renaming or removing one is a breaking change.
+Every value here is part of the public contract (see the compatibility policy in
+asyncapi.yaml). Adding an error code or a non-terminal event kind is a minor version of the
+contract (readers ignore kinds they do not know and act on an unknown code's `retriable`);
+adding a task status or a terminal event kind, renaming or removing any value is a new major.
 """
 
 from collections.abc import Mapping

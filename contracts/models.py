@@ -2,6 +2,10 @@
 
 Requests are validated strictly (no type coercion, unknown fields rejected). Events are
 built by the service; their JSON Schema lists every field as present (`null` when unset).
+Events are open to additions (contract 1.1, see the compatibility policy in asyncapi.yaml):
+a reader ignores fields it does not know, so these models and the event schemas accept
+events of a newer minor version, and a field added in 1.x defaults to null when absent
+(an event of an older replica during a rolling upgrade).
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ from contracts.fields import (
 from contracts.ids import MAX_BATCH_SIZE
 
 SchemaVersion = Literal[1]
+STYLE_VERSION_PATTERN = r"^[0-9a-f]{8,64}$"  # 12 hex digits today; opaque to readers
+# Event fields added after 1.0: absent on events of older replicas, so never `required`.
+ADDED_IN_MINOR_VERSIONS = frozenset({"style_version"})
 Priority = Literal["interactive", "bulk"]
 
 _REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, frozen=True)
 _EVENT_CONFIG = ConfigDict(
-    extra="forbid", frozen=True, json_schema_serialization_defaults_required=True
+    extra="ignore", frozen=True, json_schema_serialization_defaults_required=True
 )
 
 
@@ -243,6 +250,13 @@ def _rules_schema() -> list[JsonValue]:
     ]
 
 
+def _task_event_schema(schema: JsonDict) -> None:
+    """TaskEvent's examples and rules; a field added in a minor version is not required."""
+    schema.update(_schema_extra(examples.TASK_EVENT, allOf=_rules_schema()))
+    required = cast("list[str]", schema.get("required", []))
+    schema["required"] = [name for name in required if name not in ADDED_IN_MINOR_VERSIONS]
+
+
 class TaskEvent(BaseModel):
     """A task's lifecycle event, on the events exchange with routing key `task.<event>.<user_id>`.
 
@@ -253,7 +267,7 @@ class TaskEvent(BaseModel):
     model_config = ConfigDict(
         **_EVENT_CONFIG,
         title="TaskEvent",
-        json_schema_extra=_schema_extra(examples.TASK_EVENT, allOf=_rules_schema()),
+        json_schema_extra=_task_event_schema,
     )
 
     schema_version: SchemaVersion = Field(default=1, description="Contract version.")
@@ -269,6 +283,15 @@ class TaskEvent(BaseModel):
         default=None, ge=0, lt=MAX_BATCH_SIZE, description="The image's index in its batch."
     )
     style_type: StyleType | None = Field(default=None, description="As in the request.")
+    style_version: str | None = Field(
+        default=None,
+        pattern=STYLE_VERSION_PATTERN,
+        description="The version of the style that runs the task (since 1.1): a content hash "
+        "of its workflow and defaults, changed by any edit of the style. Compare for equality "
+        "only. A task keeps it from acceptance to its terminal event; a redelivered task runs "
+        "with the version in use then. Null when the request was refused before its style "
+        "was resolved (and on events of replicas older than 1.1).",
+    )
     status: Annotated[TaskStatus, TASK_STATUS_SCHEMA]
     progress: int = Field(ge=0, le=100, description="Percent done, never decreasing per attempt.")
     attempt: int = Field(

@@ -75,6 +75,7 @@ class TaskRecord(BaseModel):
     task_id: str
     user_id: str
     style_type: str
+    style_version: str | None = None  # of the run that made (or makes) the output
     status: TaskStatus = TaskStatus.PENDING
     progress: int = Field(default=0, ge=0, le=100)
     attempt: int = Field(default=0, ge=0)

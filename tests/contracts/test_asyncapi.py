@@ -106,7 +106,7 @@ def test_document_is_asyncapi_3_on_amqp():
     doc = document()
     assert doc["asyncapi"] == "3.0.0"
     assert doc["info"]["title"]
-    assert doc["info"]["version"] == "1.0.0"
+    assert doc["info"]["version"] == "1.1.0"
     assert doc["defaultContentType"] == "application/json"
     assert doc["servers"]["local"] == doc["servers"]["local"] | {
         "host": "localhost:5672",

@@ -25,6 +25,7 @@ async def test_create_then_get_round_trips_every_field(store: TaskStateStore) ->
     """A created record reads back equal, nested error, timings and metadata included."""
     record = make_record(
         seed=2**63,
+        style_version="0123456789ab",
         batch_id="b1",
         batch_index=3,
         instance="gpu-1",
@@ -138,6 +139,16 @@ async def test_update_accepts_error_as_a_dict(store: TaskStateStore) -> None:
     assert updated.error == TaskError(
         code=ErrorCode.COMFYUI_REJECTED, message="bad node", retriable=False
     )
+
+
+async def test_update_sets_the_style_version(store: TaskStateStore) -> None:
+    """A redelivered task runs with the catalog in use: its record takes the new version."""
+    await store.create(make_record(style_version="0123456789ab"))
+    updated = await store.update(KEY, status=TaskStatus.PROCESSING, style_version="ba9876543210")
+    assert updated is not None
+    stored = await store.get(KEY)
+    assert stored is not None
+    assert stored.style_version == "ba9876543210"
 
 
 async def test_update_refuses_bad_fields(store: TaskStateStore) -> None:
