@@ -6,7 +6,7 @@ COPY pyproject.toml README.md ./
 COPY consumer ./consumer
 COPY contracts ./contracts
 COPY workflows ./workflows
-RUN pip install . && useradd --system --uid 10001 app && mkdir -p /data/outputs && chown app /data/outputs
+RUN pip install '.[tracing]' && useradd --system --uid 10001 app && mkdir -p /data/outputs && chown app /data/outputs
 USER app
 # The sidecar must be reachable from outside the container, so it refuses to start without
 # SIDECAR_TOKEN (pass it at run time: docker run -e SIDECAR_TOKEN=...).

@@ -19,6 +19,7 @@ import uuid
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from consumer import tracing
 from consumer.broker import Broker
 from consumer.comfy import InstancePool
 from consumer.comfy.membership import InstancesFile, Membership
@@ -44,6 +45,7 @@ from consumer.topology import Topology
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from opentelemetry.trace import TracerProvider
     from prometheus_client import CollectorRegistry
 
     from consumer.settings import Settings
@@ -64,8 +66,11 @@ class Service:
         *,
         registry: CollectorRegistry | None = None,
         name: str | None = None,
+        tracer_provider: TracerProvider | None = None,  # else OTEL_* settings decide
     ) -> None:
         self.settings = settings
+        self._tracer_provider = tracer_provider
+        self._tracer = tracing.NO_TRACER
         suffix = uuid.uuid4().hex[:6]  # containers all run as pid 1: the name must still be unique
         self.name = name or f"style-consumer-{socket.gethostname()}-{os.getpid()}-{suffix}"
         self.metrics = Metrics(registry)
@@ -125,6 +130,9 @@ class Service:
 
     async def _open(self, stack: AsyncExitStack) -> None:
         s = self.settings
+        self._tracer = await stack.enter_async_context(  # first in, so flushed last
+            tracing.open_tracer(s, self.name, self._tracer_provider)
+        )
         self._store = await stack.enter_async_context(_open_store(s))
         fetcher = await stack.enter_async_context(
             ImageFetcher(
@@ -191,6 +199,7 @@ class Service:
             notify=reporter,
             metrics=self.metrics,
             decode_budget=DecodeBudget(s.image_decode_budget_bytes),
+            tracer=self._tracer,
         )
         self._dispatcher = Dispatcher(
             pipeline=pipeline,
@@ -202,6 +211,7 @@ class Service:
             delivery_limit=s.amqp_delivery_limit,
             leases=Leases(store, self.name, s.lease_ttl_s),
             prompts_adoptable=s.state_backend == "redis",  # a shared record names the prompt
+            tracer=self._tracer,
         )
         self._intake = Intake(
             broker=broker,
@@ -221,6 +231,7 @@ class Service:
             window=s.scheduler_window,
             batch_slice=s.scheduler_batch_slice,
             bulk_poll_s=s.scheduler_bulk_poll_s,
+            tracer=self._tracer,
         )
 
     async def _mark_ready(self) -> None:

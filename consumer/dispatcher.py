@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from consumer import records
+from consumer import records, tracing
 from consumer.broker import delivery_count
 from consumer.comfy.scheduling import Priority
 from consumer.errors import ConsumerError
@@ -37,6 +37,7 @@ from contracts.models import TaskEvent
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
+    from opentelemetry.trace import Tracer
 
     from consumer.comfy import PromptRun
     from consumer.jobs import BatchRef, Reply
@@ -74,7 +75,9 @@ class Dispatcher:
         delivery_limit: int,
         leases: Leases,
         prompts_adoptable: bool = False,
+        tracer: Tracer = tracing.NO_TRACER,
     ) -> None:
+        self._tracer = tracer
         self._leases = leases
         self._prompts_adoptable = prompts_adoptable
         self._pipeline = pipeline
@@ -208,6 +211,10 @@ class Dispatcher:
         self._metrics.tasks_in_flight.set(len(self._running))
 
     async def _run(self, job: Job) -> None:
+        with tracing.task_span(self._tracer, job):  # a child of its delivery's span
+            await self._run_traced(job)
+
+    async def _run_traced(self, job: Job) -> None:
         try:
             await self._run_decided(job)
         except Exception:  # deciding the crash failed too: the last resort cannot fail to settle

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import aiormq
 from aio_pika import DeliveryMode, Exchange, ExchangeType, Message
 
+from consumer import tracing
 from consumer.errors import BrokerUnavailable
 from contracts.enums import EventKind
 from contracts.ids import batch_completed_routing_key, task_event_routing_key
@@ -194,7 +195,7 @@ class EventPublisher:
         """Publish a persistent JSON request to the requests exchange (e.g. a batch's tasks)."""
         message = Message(
             body,
-            headers=dict(headers or {}),
+            headers=tracing.inject(dict(headers or {})),  # a batch's tasks join its trace
             content_type=JSON,
             delivery_mode=DeliveryMode.PERSISTENT,
             message_id=message_id or uuid.uuid4().hex,
@@ -237,11 +238,14 @@ def _delivery_mode(event: Event) -> DeliveryMode:
 
 
 def _event_headers(event: Event) -> dict[str, Any]:
-    """Ids a subscriber can filter or deduplicate on without parsing the body."""
+    """Ids a subscriber can filter or deduplicate on without parsing the body, and the trace
+    context (`traceparent`, `tracestate`) a subscriber continues."""
     if isinstance(event, BatchCompletedEvent):
-        return {"event": event.event, "batch_id": event.batch_id}
+        return tracing.inject({"event": event.event, "batch_id": event.batch_id})
     headers = {"event": event.event.value, "task_id": event.task_id}
-    return headers if event.batch_id is None else {**headers, "batch_id": event.batch_id}
+    if event.batch_id is not None:
+        headers["batch_id"] = event.batch_id
+    return tracing.inject(headers)
 
 
 async def until_confirmed(publish: Callable[[], Awaitable[None]]) -> None:

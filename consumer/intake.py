@@ -20,7 +20,7 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from consumer import records
+from consumer import records, tracing
 from consumer.batches import BatchFeeder
 from consumer.broker import delivery_count, header_int
 from consumer.bulk import BulkFeed, first_set
@@ -45,6 +45,7 @@ from contracts.models import (
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+    from opentelemetry.trace import Tracer
 
     from consumer.broker import Broker
     from consumer.comfy import InstancePool
@@ -88,7 +89,9 @@ class Intake:
         window: int = 2,
         batch_slice: int = 4,
         bulk_poll_s: float = 1.0,
+        tracer: Tracer = tracing.NO_TRACER,
     ) -> None:
+        self._tracer = tracer
         self._broker = broker
         self._topology = topology
         self._dispatcher = dispatcher
@@ -215,10 +218,12 @@ class Intake:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         """Decide how the delivery ends (or hand it to a task), then end it: always."""
-        self._metrics.messages_consumed.labels(_kind(message)).inc()
-        outcome = await self._decide(message)
-        if outcome is not None:
-            await self._settler.settle([message], outcome)
+        kind = _kind(message)
+        self._metrics.messages_consumed.labels(kind).inc()
+        with tracing.delivery_span(self._tracer, message, kind):  # its task's span's parent
+            outcome = await self._decide(message)
+            if outcome is not None:
+                await self._settler.settle([message], outcome)
 
     async def _decide(self, message: AbstractIncomingMessage) -> Outcome | None:
         """The outcome of a delivery, or None once a task owns it. Never raises."""
@@ -330,6 +335,10 @@ class Intake:
         return Refused(code, reason, event=event, reply=self._reply(message))
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        with tracing.delivery_span(self._tracer, message, "cancel"):
+            await self._cancel(message)
+
+    async def _cancel(self, message: AbstractIncomingMessage) -> None:
         try:
             request = _decode_cancel(message.body)
             found = await self._dispatcher.cancel(request)

@@ -1,6 +1,7 @@
 """Logging set-up: one JSON line per event (text when DEBUG), with task context fields.
 
 Callers pass context through `extra={"ctx": {...}}`; `task_fields()` builds the usual set.
+A line logged inside a trace (a task's, a delivery's) also carries its `trace_id`/`span_id`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,20 @@ from typing import Any
 
 import orjson
 
+from consumer.tracing import log_ids
+
 _CONTEXT_KEY = "ctx"
+_TRACE_KEY = "trace"
+
+
+class TraceIds(logging.Filter):
+    """Stamps a record with the current span's ids, where it is logged (formatting may be later)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ids = log_ids()
+        if ids:
+            setattr(record, _TRACE_KEY, ids)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,6 +40,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         line.update(getattr(record, _CONTEXT_KEY, None) or {})
+        line.update(getattr(record, _TRACE_KEY, None) or {})
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
@@ -48,6 +63,7 @@ def configure_logging(level: str, *, debug: bool) -> None:
     """Install one stderr handler on the root logger."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(TextFormatter() if debug else JsonFormatter())
+    handler.addFilter(TraceIds())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

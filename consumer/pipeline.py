@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from consumer import tracing
 from consumer.comfy.preemption import Preempted
 from consumer.comfy.scheduling import Priority
 from consumer.decode_budget import DecodeBudget
@@ -29,6 +30,8 @@ from consumer.workflows import RenderParams
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from opentelemetry.trace import Tracer
 
     from consumer.comfy import Instance, InstancePool, OutputImage, PromptRun
     from consumer.jobs import Job
@@ -84,7 +87,9 @@ class Pipeline:
         notify: Progress,
         metrics: Metrics,
         decode_budget: DecodeBudget,
+        tracer: Tracer = tracing.NO_TRACER,
     ) -> None:
+        self._tracer = tracer
         self._cfg = config
         self._fetcher = fetcher
         self._pool = pool
@@ -177,7 +182,8 @@ class Pipeline:
     ) -> list[tuple[OutputImage, bytes]]:
         client = instance.client
         name = f"{job.task_id}-{job.attempt}-{uuid.uuid4().hex[:8]}.png"
-        ref = await client.upload_image(image.png, name, UPLOAD_SUBFOLDER)
+        with tracing.stage_span(self._tracer, "comfyui.upload", job):
+            ref = await client.upload_image(image.png, name, UPLOAD_SUBFOLDER)
         fair = self._pool.policy is SchedulerPolicy.FAIR
         front = fair and job.priority is Priority.INTERACTIVE
         run = await client.submit(job.style.render(self._params(job, ref)), front=front)
@@ -189,6 +195,7 @@ class Pipeline:
             images = await self._wait_reporting(job, run, instance.name)
         finally:
             job.run = None
+            tracing.past_span(self._tracer, "comfyui.queue", job, run.created_ns, run.started_ns)
         self._learn_loads(job, instance, run)
         return [(img, await client.view(img)) for img in images]
 
@@ -291,13 +298,15 @@ class Pipeline:
     def _stage(self, job: Job, stage: str) -> Iterator[None]:
         started = time.monotonic()
         try:
-            yield
+            with tracing.stage_span(self._tracer, stage, job):
+                yield
         finally:
             self._record(job, stage, started)
 
     def _record_queued(self, job: Job) -> None:
         """Accepted to first start on an instance (the contract's `timings_ms.queued`)."""
         if "queued" not in job.timings_ms:
+            tracing.past_span(self._tracer, "queued", job, tracing.wall_ns(job.accepted_at), None)
             self._record(job, "queued", job.accepted_at)
             waited_s = time.monotonic() - job.accepted_at
             self._metrics.queue_wait_seconds.labels(job.priority.label).observe(waited_s)

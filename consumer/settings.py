@@ -7,6 +7,7 @@ or `_ms`, sizes in `_bytes`. Nothing below the entrypoint reads `os.environ`.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import re
@@ -22,6 +23,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -31,6 +33,7 @@ SIDECAR_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: any client c
 MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4's limit on a presigned URL's lifetime
 S3_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
 S3_PREFIX_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+TRACES_EXPORTERS = frozenset({"otlp", "console", "none"})  # OTEL_TRACES_EXPORTER values
 
 
 class StateBackend(StrEnum):
@@ -203,6 +206,68 @@ class Settings(BaseSettings):
     sidecar_host: str = "127.0.0.1"  # anything else needs SIDECAR_TOKEN (see _sidecar_token)
     sidecar_port: int = Field(default=8080, ge=0, le=65535)
     sidecar_token: SecretStr | None = Field(default=None, validate_default=True)
+
+    # Tracing (consumer/tracing.py): OpenTelemetry's standard variables that decide whether and
+    # where spans go. The SDK reads the rest of the OTEL_* standard itself (headers, timeout,
+    # TLS files, compression, sampler, resource attributes, batch limits), and only when
+    # tracing is on: re-declaring that standard here would copy its parsing, and drift.
+    otel_sdk_disabled: bool = False
+    otel_traces_exporter: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    otel_exporter_otlp_endpoint: str | None = None  # a base URL: /v1/traces is appended
+    otel_exporter_otlp_traces_endpoint: str | None = None  # the full URL, used as it is
+    otel_exporter_otlp_protocol: str | None = None
+    otel_exporter_otlp_traces_protocol: str | None = None
+    otel_service_name: str = Field(default="style-consumer", min_length=1)
+
+    @field_validator("otel_traces_exporter", mode="before")
+    @classmethod
+    def _parse_exporters(cls, value: Any) -> Any:
+        items = _split_list(value)
+        return [str(i).strip().lower() for i in items] if isinstance(items, list) else items
+
+    @field_validator("otel_traces_exporter")
+    @classmethod
+    def _known_exporters(cls, value: list[str]) -> list[str]:
+        unknown = set(value) - TRACES_EXPORTERS
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} not supported: use otlp, console or none")
+        return value
+
+    @field_validator("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint")
+    @classmethod
+    def _otlp_url(cls, value: str | None) -> str | None:
+        parts = urlsplit(value or "")
+        if value and (parts.scheme not in {"http", "https"} or not parts.hostname):
+            raise ValueError(f"not an http(s) URL: {value!r}")
+        return value or None
+
+    @model_validator(mode="after")
+    def _otlp_exportable(self) -> Settings:
+        """OTLP is exported over HTTP/protobuf, by the `tracing` extra (the image has it)."""
+        if "otlp" not in self.traces_exporters():
+            return self
+        protocol = self.otel_exporter_otlp_traces_protocol or self.otel_exporter_otlp_protocol
+        if protocol not in {None, "", "http/protobuf"}:
+            raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: only http/protobuf")
+        if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+            raise ValueError("OTLP tracing needs: pip install 'style-consumer[tracing]'")
+        return self
+
+    def traces_exporters(self) -> frozenset[str]:
+        """Where spans go: OTEL_TRACES_EXPORTER, else OTLP once an OTLP endpoint is set."""
+        if self.otel_sdk_disabled:
+            return frozenset()
+        if self.otel_traces_exporter:
+            return frozenset(self.otel_traces_exporter) - {"none"}
+        endpoint = self.otel_exporter_otlp_traces_endpoint or self.otel_exporter_otlp_endpoint
+        return frozenset({"otlp"}) if endpoint else frozenset()
+
+    def otlp_traces_url(self) -> str:
+        """The OTLP/HTTP traces URL, as the specification derives it."""
+        if self.otel_exporter_otlp_traces_endpoint:
+            return self.otel_exporter_otlp_traces_endpoint
+        base = self.otel_exporter_otlp_endpoint or "http://localhost:4318"
+        return f"{base.rstrip('/')}/v1/traces"
 
     @field_validator("comfyui_instances", mode="before")
     @classmethod

@@ -26,12 +26,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from consumer import records
+from consumer import records, tracing
 from consumer.errors import TransientError
 from consumer.events import until_confirmed
 from consumer.logs import ctx
 from consumer.state import task_key
-from contracts import ErrorCode
+from contracts import ErrorCode, TaskStatus
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -147,6 +147,19 @@ def safe_text(text: str, limit: int = MAX_REASON_CHARS) -> str:
     return short.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _described(outcome: Outcome) -> tuple[str, str | None]:
+    """How `outcome` reads on a trace: its name, and its error code when it is a failure."""
+    match outcome:
+        case Finished(event=event):
+            failed = event.error is not None and event.status is TaskStatus.FAILED
+            return event.status.value, event.error.code.value if failed and event.error else None
+        case Refused():
+            return "refused", outcome.code.value
+        case Crashed():
+            return "crashed", ErrorCode.INTERNAL_ERROR.value
+    return type(outcome).__name__.lower(), None  # Returned, Handled: nobody's failure
+
+
 class Settler:
     """Performs outcomes. One per replica; `close()` waits for settles still running."""
 
@@ -198,6 +211,9 @@ class Settler:
             )
         for message in handles:
             await apply(message, action)
+        if handles:  # on the span of the delivery, or of the task, that decided it
+            name, error_code = _described(outcome)
+            tracing.mark_outcome(name, action.value, error_code)
         return action
 
     async def _perform(

@@ -68,6 +68,8 @@ class PromptRun:
         self.prompt_id = prompt_id
         self.accepted = False
         self.started = False
+        self.created_ns = time.time_ns()  # wall clock, for the trace's `comfyui.queue` span
+        self.started_ns: int | None = None
         self._begun = asyncio.Event()  # set when it starts, or ends without starting
         self._remote = remote
         self._tracker = ProgressTracker(graph)
@@ -87,6 +89,8 @@ class PromptRun:
 
     def mark_started(self) -> None:
         """The instance began executing it (it left the queue)."""
+        if not self.started:
+            self.started_ns = time.time_ns()
         self.started = True
         self._begun.set()
 

@@ -201,9 +201,10 @@ class Running:
 
 
 @asynccontextmanager
-async def running_service(settings: Settings) -> AsyncIterator[Running]:
-    """A replica running in this event loop until the block ends (then a clean shutdown)."""
-    service = Service(settings)
+async def running_service(settings: Settings, **options: Any) -> AsyncIterator[Running]:
+    """A replica running in this event loop until the block ends (then a clean shutdown);
+    `options` go to `Service` (e.g. `tracer_provider`)."""
+    service = Service(settings, **options)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
