@@ -32,6 +32,7 @@ schemas: install
 bench: install
 	$(PY) -m tests.bench.comfyui
 	$(PY) -m tests.bench.service
+	$(PY) -m tests.bench.scheduling
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache data

@@ -23,38 +23,37 @@ import asyncio
 import contextlib
 import resource
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field, replace
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import aiohttp
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from aiohttp import web
-from pamqp.common import FieldTable
-from prometheus_client import CollectorRegistry
+from aio_pika.abc import AbstractChannel
 
-from consumer.app import Service
-from consumer.settings import ComfyInstanceSettings, Settings, load_settings
-from consumer.testing.comfyui_emulator import ComfyEmulator, Faults
-from consumer.topology import Topology, declare_topology
+from consumer.testing.comfyui_emulator import Faults
+from consumer.topology import Topology
+from tests.bench import rig
 from tests.bench.comfyui import percentile
-from tests.bench.images import jpeg_bytes, phone_photo
-from tests.e2e.harness import delete_topology
+from tests.bench.rig import (
+    DEFAULT_AMQP_URL,
+    Terminals,
+    deadline,
+    emulators,
+    photo,
+    replica,
+    replica_settings,
+)
 
-DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
 SEQUENTIAL_PHOTO = (1024, 768)
 BURST_PHOTO = (256, 256)
 WARM_UP_TASKS = 3
-START_TIMEOUT_S = 30.0
 TASK_TIMEOUT_S = 60.0  # one task, one at a time
 BURST_TIMEOUT_S = 300.0  # the whole burst
 
@@ -69,144 +68,7 @@ class Options:
     inline_emulators: bool
 
 
-# Photos and events
-
-
-@asynccontextmanager
-async def photo_host(files: dict[str, bytes]) -> AsyncIterator[str]:
-    """A loopback server of `files` under /photos/{name}; yields its base URL."""
-
-    async def serve(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if name not in files:
-            raise web.HTTPNotFound
-        return web.Response(body=files[name], content_type="image/jpeg")
-
-    app = web.Application()
-    app.router.add_get("/photos/{name}", serve)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/photos"
-    finally:
-        await runner.cleanup()
-
-
-def photo(size: tuple[int, int]) -> bytes:
-    return jpeg_bytes(phone_photo(size), quality=90)
-
-
-@dataclass
-class Terminals:
-    """Arrival time (perf_counter) and body of the terminal event of each expected task."""
-
-    expected: dict[str, asyncio.Future[tuple[float, dict[str, Any]]]] = field(default_factory=dict)
-
-    def expect(self, task_id: str) -> asyncio.Future[tuple[float, dict[str, Any]]]:
-        future = asyncio.get_running_loop().create_future()
-        self.expected[task_id] = future
-        return future
-
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        arrived = time.perf_counter()
-        event = orjson.loads(message.body)
-        future = self.expected.get(event.get("task_id", ""))
-        if event.get("event") in TERMINAL and future is not None and not future.done():
-            future.set_result((arrived, event))
-
-
-@asynccontextmanager
-async def subscribe(channel: AbstractChannel, topology: Topology) -> AsyncIterator[Terminals]:
-    """A backend's event subscriber on `<prefix>.events` (auto-ack: its cost is not ours)."""
-    terminals = Terminals()
-    exchange = await channel.get_exchange(topology.events)
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await queue.bind(exchange, "#")
-    tag = await queue.consume(terminals.on_message, no_ack=True)
-    try:
-        yield terminals
-    finally:
-        await queue.cancel(tag)
-
-
-# Emulators and the replica
-
-
-@asynccontextmanager
-async def inline_emulator(step_seconds: float) -> AsyncIterator[str]:
-    async with ComfyEmulator(Faults(step_seconds=step_seconds)) as emulator:
-        yield emulator.url
-
-
-@asynccontextmanager
-async def child_emulator(step_seconds: float) -> AsyncIterator[str]:
-    """`python -m consumer.testing.comfyui_emulator` on a free port; yields its URL."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "consumer.testing.comfyui_emulator", "--port", "0"),
-        *("--step-seconds", str(step_seconds)),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(START_TIMEOUT_S):
-            line = (await process.stdout.readline()).decode()
-        if "listening on http" not in line:
-            raise RuntimeError(f"the emulator did not start: {line!r}")
-        yield line.rsplit(" ", 1)[-1].strip()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        await process.wait()
-
-
-@asynccontextmanager
-async def emulators(count: int, step_seconds: float, inline: bool) -> AsyncIterator[list[str]]:
-    start = inline_emulator if inline else child_emulator
-    async with AsyncExitStack() as stack:
-        yield [await stack.enter_async_context(start(step_seconds)) for _ in range(count)]
-
-
-def replica_settings(
-    options: Options, prefix: str, urls: list[str], output_dir: Path, **overrides: Any
-) -> Settings:
-    """Settings as tests/e2e/conftest.py builds them, with the default progress interval."""
-    values: dict[str, Any] = {
-        "amqp_url": options.amqp_url,
-        "amqp_prefix": prefix,
-        "comfyui_instances": [
-            ComfyInstanceSettings(url=url, name=f"comfy-{i}", max_concurrency=2)
-            for i, url in enumerate(urls)
-        ],
-        "image_url_allowed_hosts": ["127.0.0.1"],
-        "output_dir": output_dir,
-        "public_base_url": "http://outputs.test",
-        "sidecar_host": "127.0.0.1",
-        "sidecar_port": 0,
-    }
-    values.update(overrides)
-    return load_settings(**values)
-
-
-@asynccontextmanager
-async def replica(settings: Settings) -> AsyncIterator[Service]:
-    """A replica in this event loop, ready to consume, stopped cleanly at the end."""
-    service = Service(settings, registry=CollectorRegistry(), name="bench-replica")
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        ready = asyncio.create_task(service.ready.wait())
-        async with asyncio.timeout(START_TIMEOUT_S):
-            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            ready.cancel()
-            task.result()
-        yield service
-    finally:
-        stop.set()
-        async with asyncio.timeout(START_TIMEOUT_S):
-            await task
+# The backend
 
 
 @dataclass
@@ -230,17 +92,6 @@ class Bench:
         exchange = await self.channel.get_exchange(self.topology.requests)
         await exchange.publish(message, "transform")
         return ended
-
-
-@asynccontextmanager
-async def deadline(timeout_s: float) -> AsyncIterator[None]:
-    """Fail instead of hanging when terminal events stop coming (e.g. the broker restarted)."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            yield
-    except TimeoutError as exc:
-        msg = f"no terminal event within {timeout_s:g} s: was the broker restarted or closed?"
-        raise RuntimeError(msg) from exc
 
 
 # 1. Overhead, one task at a time
@@ -337,26 +188,15 @@ def timing_of(ended: list[tuple[float, dict[str, Any]]], key: str) -> list[float
 @asynccontextmanager
 async def backend(options: Options, topology: Topology) -> AsyncIterator[Bench]:
     """The publisher/subscriber side; deletes the prefix's topology at the end."""
-    properties: FieldTable = {"connection_name": f"{topology.prefix}.backend"}
-    try:
-        async with await aio_pika.connect(options.amqp_url, client_properties=properties) as conn:
-            channel = await conn.channel()
-            await declare_topology(channel, topology)
-            async with subscribe(channel, topology) as terminals:
-                yield Bench(channel, topology, terminals)
-    finally:
-        await clean_up(options.amqp_url, topology)
-
-
-async def clean_up(amqp_url: str, topology: Topology) -> None:
-    """On a fresh connection, so that cleaning up survives a broker that closed ours."""
-    async with await aio_pika.connect(amqp_url) as connection:
-        await delete_topology(await connection.channel(), topology)
+    async with rig.backend(options.amqp_url, topology) as (channel, terminals):
+        yield Bench(channel, topology, terminals)
 
 
 async def run_sequential(options: Options, bench: Bench, base_url: str, out: Path) -> Sequential:
-    async with emulators(1, options.step_seconds, options.inline_emulators) as urls:
-        settings = replica_settings(options, bench.topology.prefix, urls, out / "seq")
+    faults = Faults(step_seconds=options.step_seconds)
+    async with emulators(1, faults, options.inline_emulators) as urls:
+        prefix = bench.topology.prefix
+        settings = replica_settings(options.amqp_url, prefix, urls, out / "seq")
         async with replica(settings):
             cpu_started_s = time.process_time()
             samples = await sequential(options, bench, f"{base_url}/large.jpg", urls[0])
@@ -371,9 +211,9 @@ def children_cpu_s() -> float:
 
 async def run_burst(options: Options, bench: Bench, base_url: str, out: Path) -> Burst:
     children_before_s = children_cpu_s()
-    async with emulators(options.instances, 0.0, options.inline_emulators) as urls:
+    async with emulators(options.instances, Faults(), options.inline_emulators) as urls:
         settings = replica_settings(
-            options, bench.topology.prefix, urls, out / "burst", max_concurrent_tasks=64
+            options.amqp_url, bench.topology.prefix, urls, out / "burst", max_concurrent_tasks=64
         )
         async with replica(settings):
             result = await burst(bench, f"{base_url}/small.jpg", options.burst)
@@ -458,7 +298,7 @@ async def main(options: Options) -> None:
     topology = Topology(f"bench{uuid.uuid4().hex[:10]}")
     files = {"large.jpg": photo(SEQUENTIAL_PHOTO), "small.jpg": photo(BURST_PHOTO)}
     with tempfile.TemporaryDirectory(prefix="bench-service-") as folder:
-        async with photo_host(files) as base_url, backend(options, topology) as bench:
+        async with rig.photo_host(files) as base_url, backend(options, topology) as bench:
             one_by_one = await run_sequential(options, bench, base_url, Path(folder))
             result = await run_burst(options, bench, base_url, Path(folder))
     lines = [*sequential_report(options, one_by_one), "", *burst_report(options, result)]
