@@ -329,19 +329,32 @@ class InstancePool:
                 i.last_released_at,
             ),
         )
-        # Its models are on a busy instance that frees a slot sooner than a load here would
-        # take: wait for it, at most one estimated load, so no task waits longer for affinity.
-        # An instance with no execution measured yet (start-up) is not waited for.
-        load_s = self.load_estimates.cost_s(choice.memory, demand.models)
-        patience_ends = waiter.since + load_s
-        waits = not waiter.asked and any(
-            i.memory.holds(demand.models) and (i.mean_execute_s or math.inf) < load_s
-            for i in preferred
-        )
-        if now < patience_ends and waits:
+        # Busy instances hold its models: wait for one, at most one estimated load (so no task
+        # waits longer for affinity), and only if their slots can take it (`_absorbed`).
+        patience_ends = waiter.since + self.load_estimates.cost_s(choice.memory, demand.models)
+        evicts = bool(choice.memory.loaded)
+        if not waiter.asked and now < patience_ends and self._absorbed(waiter, preferred, evicts):
             self._wake_at(patience_ends)
             return None
         return choice
+
+    def _absorbed(self, waiter: _Waiter, instances: list[Instance], evicts: bool) -> bool:
+        """Whether the slots of the instances holding the waiter's models outnumber the
+        earlier waiters for the same models, so one frees a slot for it soon. Slots of an
+        instance still loading them count only when the alternative evicts models: a load on
+        an empty instance (start-up) is no worse than waiting for that load to end."""
+        models = waiter.demand.models
+        slots = sum(
+            i.capacity
+            for i in instances
+            if i.memory.holds(models) and (evicts or not i.memory.loading)
+        )
+        ahead = 0
+        for other in self._waiters:
+            if other is waiter:
+                break
+            ahead += not other.future.done() and other.demand.models == models
+        return ahead < slots
 
     def _wanted(self, models: frozenset[str], besides: _Waiter) -> int:
         """How many other waiters would run without a load on an instance holding `models`."""

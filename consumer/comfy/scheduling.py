@@ -50,12 +50,14 @@ class ModelMemory:
     """The models one instance holds once its queue has drained.
 
     `loaded` is set when a prompt is handed to the instance (ComfyUI runs its queue in
-    order, so the last prompt queued decides what stays loaded); `seen` are the models it
-    has loaded before, whose reload is cheaper.
+    order, so the last prompt queued decides what stays loaded); `loading` while the prompt
+    that brings them has not finished (its slot frees no sooner than a load); `seen` are
+    the models it has loaded before, whose reload is cheaper.
     """
 
     def __init__(self) -> None:
         self.loaded: frozenset[str] = frozenset()
+        self.loading = False
         self.seen: set[str] = set()
 
     def __repr__(self) -> str:
@@ -65,12 +67,12 @@ class ModelMemory:
         return models <= self.loaded
 
     def queued(self, models: frozenset[str]) -> None:
-        if models:
-            self.loaded = models
+        if models and not models <= self.loaded:
+            self.loaded, self.loading = models, True
 
     def forget(self) -> None:
         """The instance went away: its process (and its loaded models) may be new."""
-        self.loaded = frozenset()
+        self.loaded, self.loading = frozenset(), False
 
     def observe(
         self, loaders: Mapping[str, str], cached: Iterable[str], seconds: Mapping[str, float]
@@ -78,6 +80,8 @@ class ModelMemory:
         """The loads one finished prompt paid: its loader nodes that ran, not served from
         ComfyUI's cache, with the time each took."""
         skipped = frozenset(cached)
+        if frozenset(loaders.values()) == self.loaded:
+            self.loading = False  # a prompt with the current models has run: they are in
         loads = []
         for node, model in loaders.items():
             if node in skipped or node not in seconds:

@@ -98,9 +98,9 @@ async def test_a_task_waits_for_its_models_rather_than_pay_a_load(holders) -> No
     """With its models busy on another instance, a task leaves a free one alone and takes the
     busy one when it frees, within its patience (one estimated load)."""
     pool = make_pool(1, 1, load_prior_s=60.0)
-    pool.instances[0].memory.queued(A)
-    pool.instances[0].record_execution(1.0)  # it frees a slot sooner than a 60 s load
-    pool.instances[1].memory.queued(B)
+    for instance, models in zip(pool.instances, (A, B), strict=True):
+        instance.memory.queued(models)
+        instance.memory.loading = False  # each has run a prompt with them
     running = hold(holders, pool, Demand(models=A))
     await granted(running)
     waiting = hold(holders, pool, Demand(models=A))
@@ -111,17 +111,19 @@ async def test_a_task_waits_for_its_models_rather_than_pay_a_load(holders) -> No
     assert waiting.instance == "i0"
 
 
-async def test_no_wait_for_an_instance_whose_pace_is_unknown(holders) -> None:
-    """At start-up (no execution measured) a busy instance holding the models may itself be
-    loading them: the task takes the free instance at once rather than wait."""
-    pool = make_pool(1, 1, load_prior_s=60.0)
+async def test_tasks_beyond_the_warm_slots_pay_a_load_at_once(holders) -> None:
+    """At start-up one instance holds a checkpoint every task wants: tasks queued behind as
+    many others as it has slots take the free instances at once rather than wait."""
+    pool = make_pool(1, 1, 1, load_prior_s=60.0)
     pool.instances[0].memory.queued(A)
-    pool.instances[1].memory.queued(B)
+    pool.instances[0].memory.loading = False
     running = hold(holders, pool, Demand(models=A))
     await granted(running)
-    second = hold(holders, pool, Demand(models=A))
+    assert running.instance == "i0"
+    first, second = hold(holders, pool, Demand(models=A)), hold(holders, pool, Demand(models=A))
     await granted(second)
-    assert second.instance == "i1"
+    assert first.instance is None  # i0's one slot takes it next: it waits
+    assert second.instance in {"i1", "i2"}
 
 
 async def test_a_rare_style_is_served_within_one_estimated_load(holders) -> None:
@@ -132,6 +134,7 @@ async def test_a_rare_style_is_served_within_one_estimated_load(holders) -> None
     busy = hold(holders, pool, Demand(models=C))
     await granted(busy)
     assert busy.instance == "i0"  # nobody holds C: the instance nobody wants
+    pool.instances[0].memory.loading = False  # C is loaded there: worth a wait
     rare = hold(holders, pool, Demand(models=C))
     await granted(rare)  # i0 never frees: only the patience can grant it
     assert rare.instance == "i1"
@@ -256,3 +259,15 @@ async def test_fifo_never_preempts(holders) -> None:
         hold(holders, pool, Demand(models=A))
         await until(lambda: len(pool._waiters) == 1)
         assert not asked.is_set()
+
+
+async def test_no_wait_for_an_instance_still_loading_the_models(holders) -> None:
+    """An instance only handed the models (its first prompt with them still running) frees a
+    slot no sooner than a load elsewhere: the task takes the free instance at once."""
+    pool = make_pool(1, 1, load_prior_s=60.0)
+    running = hold(holders, pool, Demand(models=A))
+    await granted(running)
+    assert pool.instances[0 if running.instance == "i0" else 1].memory.loading
+    second = hold(holders, pool, Demand(models=A))
+    await granted(second)
+    assert second.instance != running.instance
