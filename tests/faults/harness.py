@@ -51,6 +51,7 @@ __all__ = [
 
 FINISH_TIMEOUT_S = 90.0
 PUBLISH_CHUNK = 200
+BULK_EVERY = 3  # every third task is published as bulk work (transform.bulk)
 USER_ID = "fault_user"
 
 
@@ -161,12 +162,14 @@ class FaultRun:
         return {**body, **fields}
 
     async def publish_tasks(self, count: int, **fields: Any) -> list[str]:
-        """Publish `count` requests (publisher confirms); returns their task ids."""
+        """Publish `count` requests (publisher confirms); returns their task ids. Every
+        `BULK_EVERY`th goes to `transform.bulk`, so each fault hits both queues."""
         start = len(self.task_ids)
         bodies = [self.request(start + i, **fields) for i in range(count)]
+        keys = [_routing_key(start + i) for i in range(count)]
         for first in range(0, count, PUBLISH_CHUNK):
-            chunk = bodies[first : first + PUBLISH_CHUNK]
-            await asyncio.gather(*(self.publish(orjson.dumps(b)) for b in chunk))
+            chunk = range(first, min(first + PUBLISH_CHUNK, count))
+            await asyncio.gather(*(self.publish(orjson.dumps(bodies[i]), keys[i]) for i in chunk))
         ids = [b["task_id"] for b in bodies]
         self.task_ids.extend(ids)
         return ids
@@ -279,3 +282,7 @@ async def _delete_redis_keys(run: FaultRun) -> None:
     for first in range(0, len(keys), 500):
         await client.delete(*keys[first : first + 500])
     await run.store.close()
+
+
+def _routing_key(index: int) -> str:
+    return "transform.bulk" if index % BULK_EVERY == BULK_EVERY - 1 else "transform"

@@ -5,7 +5,7 @@
 - the independent subscriber received a terminal event for every task (lost = those without);
 - duplicate terminal events are counted and reported (at-least-once publishing);
 - no replica ended on its own; every running one stops cleanly (SIGTERM, exit code 0);
-- nothing is left in `<prefix>.transform`;
+- nothing is left in `<prefix>.transform` nor `<prefix>.transform.bulk`;
 - `<prefix>.dead` holds exactly the poison messages sent, nothing else (they are taken out
   and kept in `run.dead_letters`, headers included, for the scenario's own assertions).
 """
@@ -147,7 +147,8 @@ async def _settled(run: FaultRun) -> None:
     """
 
     async def empty() -> bool:
-        return await run.queue_depth(run.topology.transform) == 0
+        depths = [await run.queue_depth(q) for q in (run.topology.transform, run.topology.bulk)]
+        return not any(depths)
 
     await wait_until(empty, DRAIN_TIMEOUT_S)
 
@@ -200,9 +201,9 @@ def _agrees(run: FaultRun, task_id: str, record: TaskRecord) -> bool:
 
 async def _queue_problems(run: FaultRun) -> list[str]:
     problems = []
-    left = await run.queue_depth(run.topology.transform)
-    if left:
-        problems.append(f"{left} message(s) left in {run.topology.transform}")
+    for queue in (run.topology.transform, run.topology.bulk):
+        left = await run.queue_depth(queue)
+        problems += [f"{left} message(s) left in {queue}"] if left else []
     run.dead_letters = await take_dead_letters(run.config.amqp_url, run.topology)
     dead = Counter(letter.body for letter in run.dead_letters)
     expected = Counter(run.poison)
