@@ -50,19 +50,23 @@ def batch(photo_url: str, batch_id: str, user_id: str, size: int) -> dict:
     }
 
 
-async def test_interactive_overtakes_a_batch(one_slot, channel, topology, events, photos):
-    """A single published behind a 10-photo batch finishes right after the task running
-    when it arrived: at most the running one and one staged before it, never the batch."""
+async def batch_tasks_ahead_of_a_single(settings, channel, topology, events, photos):
+    """Publish a 10-photo batch, then (once it runs) a single: the batch tasks that ended first."""
     photo = photos.url("photos/photo.jpg")
-    async with running_service(one_slot()):
+    async with running_service(settings):
         await publish(channel, topology, "transform.batch", batch(photo, "b", "user_a", 10))
         await events.wait_for(lambda e: e["event"] == "started")
         single = request(photo, user_id="user_b")
         await publish(channel, topology, "transform", single)
         await events.terminal(single["task_id"])
-        ahead = [e for e in completions(events) if e["task_id"].startswith("b-")]
-        await events.wait_for(lambda e: e["event"] == "batch.completed")
-    assert len(ahead) <= 2, [e["task_id"] for e in ahead]
+        return [e["task_id"] for e in completions(events) if e["task_id"].startswith("b-")]
+
+
+async def test_interactive_overtakes_a_batch(one_slot, channel, topology, events, photos):
+    """A single published behind a 10-photo batch finishes right after the task running
+    when it arrived: at most the running one and one staged before it, never the batch."""
+    ahead = await batch_tasks_ahead_of_a_single(one_slot(), channel, topology, events, photos)
+    assert len(ahead) <= 2, ahead
 
 
 async def test_a_staged_bulk_prompt_gives_its_place(
@@ -88,14 +92,8 @@ async def test_a_staged_bulk_prompt_gives_its_place(
 async def test_fifo_keeps_the_single_behind_the_batch(one_slot, channel, topology, events, photos):
     """The baseline the scheduler is measured against: with SCHEDULER=fifo the same single
     waits behind most of the batch (so the test above can fail)."""
-    photo = photos.url("photos/photo.jpg")
-    async with running_service(one_slot(scheduler=SchedulerPolicy.FIFO)):
-        await publish(channel, topology, "transform.batch", batch(photo, "b", "user_a", 10))
-        await events.wait_for(lambda e: e["event"] == "started")
-        single = request(photo, user_id="user_b")
-        await publish(channel, topology, "transform", single)
-        await events.terminal(single["task_id"])
-        ahead = [e for e in completions(events) if e["task_id"].startswith("b-")]
+    settings = one_slot(scheduler=SchedulerPolicy.FIFO)
+    ahead = await batch_tasks_ahead_of_a_single(settings, channel, topology, events, photos)
     assert len(ahead) >= 5
 
 
