@@ -133,10 +133,11 @@ async def test_batch_bookkeeping_expires_after_ttl(make_store: MakeStore) -> Non
     """ttl_s after a batch's first end its ended tasks are forgotten (they count afresh)."""
     store = make_store(ttl_s=0.3)
     assert not await store.end_batch_task("b1", "b1-0", 2, CLAIM_TTL_S)
-    await store.add_cancel("u1", "marker")  # made after that end, with the same ttl_s
+    marker = make_record("marker")
+    await store.create(marker)  # after that end, same ttl_s, expired by the same (store's) clock
 
     async def marker_forgotten() -> bool:
-        return not await store.cancel_requested("u1", "marker")
+        return await store.get(marker.key) is None
 
     await eventually(marker_forgotten)
     assert not await store.end_batch_task("b1", "b1-1", 2, CLAIM_TTL_S)

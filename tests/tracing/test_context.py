@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.sdk.trace import Tracer as SdkTracer
@@ -83,12 +83,17 @@ header_values = st.one_of(
 )
 
 
+SHARED_CPU = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # CI's CPU
+
+
+@SHARED_CPU
 @given(st.dictionaries(st.sampled_from(["traceparent", "tracestate", "other"]), header_values))
 def test_extract_never_raises(headers):
     """Whatever the headers hold, extraction returns a context (valid or not)."""
     tracing.extract(headers)
 
 
+@SHARED_CPU
 @given(st.text(max_size=2000))
 def test_any_tracestate_keeps_a_valid_traceparent(state):
     """A tracestate is kept when valid and dropped when not; the traceparent stands."""
