@@ -7,15 +7,13 @@
         run = await instance.client.submit(prompt)
     pool.reconcile(desired)                        # membership (consumer/comfy/membership.py)
 
-Dispatch (`SCHEDULER=fair`): free slots go to interactive waiters first (in arrival
-order), then to bulk waiters, the owner holding fewest bulk slots first (fair sharing
-between users). Each waiter gets a free instance that already holds its models when there
-is one; else, while a busy instance holds them, it waits for it up to one estimated load
-time (its patience), leaving the free slot to others; then it takes the free instance whose
-models fewest waiters want, cheapest to load first. `SCHEDULER=fifo` is the plain policy:
-arrival order, the instance with the most free slots (ties: the one idle longest). A slot
-is released on every way out of the `async with`; leaving it with `InstanceUnavailable`
-takes the instance out until the next probe answers.
+Dispatch (consumer/comfy/turns.py decides; `SCHEDULER=fair`): free slots go to interactive
+waiters first, then to bulk waiters by owner in turn; each waiter gets a free instance that
+holds its models when there is one, may wait a bounded time for a busy one that does, and
+an interactive waiter may ask a staged bulk prompt for its place. `SCHEDULER=fifo`: arrival
+order, the instance with the most free slots. A slot is released on every way out of the
+`async with`; leaving it with `InstanceUnavailable` takes the instance out until the next
+probe answers.
 
 Health (consumer/comfy/health.py): each instance has a loop that probes it and takes it out
 or puts it back (a circuit breaker with exponential backoff).
@@ -30,14 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import math
 import time
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -47,7 +42,8 @@ from consumer.comfy.http import ClientTimeouts
 from consumer.comfy.instance import Instance, InstanceStats
 from consumer.comfy.members import ClientFactory, Roster
 from consumer.comfy.preemption import StagedPrompts
-from consumer.comfy.scheduling import Demand, LoadEstimates, ModelLoad, Priority
+from consumer.comfy.scheduling import Demand, LoadEstimates, ModelLoad
+from consumer.comfy.turns import Turns, Waiter
 from consumer.errors import InstanceStuck, InstanceUnavailable, WorkflowInvalid
 from consumer.settings import ComfyInstanceSettings, SchedulerPolicy
 
@@ -56,16 +52,6 @@ QUARANTINE_BASE_S = 1.0  # first breaker-open period after a stuck prompt, doubl
 DEFAULT_LOAD_PRIOR_S = 10.0  # a model load's estimate until one was seen
 DEFAULT_DRAIN_GRACE_S = 30.0  # a removed instance's prompts may run this long, then given up
 ANY_DEMAND = Demand()  # no node classes, no models, interactive
-MAX_OWNERS_REMEMBERED = 1024  # owners whose last bulk grant is kept for taking turns
-
-
-@dataclass(eq=False, slots=True)
-class _Waiter:
-    demand: Demand
-    exclude: frozenset[str]
-    future: asyncio.Future[Instance]
-    since: float  # loop time it began to wait
-    asked: bool = False  # it asked a staged bulk prompt for its place (consumer.comfy.preemption)
 
 
 class InstancePool:
@@ -105,12 +91,8 @@ class InstancePool:
         self._health = HealthPolicy(health_interval_s, breaker_max_backoff_s, connect_timeout_s)
         self._breaker_max_backoff_s = breaker_max_backoff_s
         self._quarantine_base_s = max(health_interval_s, QUARANTINE_BASE_S)
-        self.policy = policy
-        self.load_estimates = LoadEstimates(load_prior_s)
-        self.staged = StagedPrompts()  # bulk prompts queued on an instance, not started
-        self._waiters: deque[_Waiter] = deque()
-        self._bulk_held: Counter[str] = Counter()  # bulk slots held, by owner
-        self._bulk_served: dict[str, float] = {}  # owner -> loop time of its last bulk grant
+        self._turns = Turns(policy, LoadEstimates(load_prior_s))
+        self._waiters: deque[Waiter] = deque()
         self._timer: asyncio.TimerHandle | None = None  # re-dispatch when a patience ends
         self._capacity_event = asyncio.Event()
         self._entered = False
@@ -131,6 +113,19 @@ class InstancePool:
         return self._roster.instances
 
     # -- public -----------------------------------------------------------------------
+
+    @property
+    def policy(self) -> SchedulerPolicy:
+        return self._turns.policy
+
+    @property
+    def load_estimates(self) -> LoadEstimates:
+        return self._turns.load_estimates
+
+    @property
+    def staged(self) -> StagedPrompts:
+        """Bulk prompts queued on an instance, not started (consumer.comfy.preemption)."""
+        return self._turns.staged
 
     def slot(
         self, demand: Demand = ANY_DEMAND, exclude: Iterable[str] = ()
@@ -247,7 +242,7 @@ class InstancePool:
     async def _acquire(self, demand: Demand, exclude: frozenset[str]) -> Instance:
         self._check_satisfiable(demand.required_nodes)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(demand, exclude, loop.create_future(), loop.time())
+        waiter = Waiter(demand, exclude, loop.create_future(), loop.time())
         self._waiters.append(waiter)
         self._dispatch()
         try:
@@ -261,116 +256,22 @@ class InstancePool:
                 self._waiters.remove(waiter)
 
     def _dispatch(self) -> None:
-        """Hand free slots to waiters in their turn, skipping those no free instance suits."""
+        """Hand free slots to waiters in their turn, skipping those no free instance suits;
+        then let interactive work still waiting ask staged bulk prompts for their places."""
         now = asyncio.get_running_loop().time()
-        for waiter in self._in_turn():
+        waiters = list(self._waiters)
+        for waiter in self._turns.in_turn(waiters):
             if waiter.future.done():
                 continue
-            instance = self._pick(waiter, now)
-            if instance is not None:
-                self._grant(waiter, instance)
-        if self.policy is SchedulerPolicy.FAIR:
-            self._ask_for_places()
+            choice = self._turns.pick(waiter, waiters, self.instances, now)
+            if isinstance(choice, Instance):
+                self._grant(waiter, choice)
+            elif choice is not None:
+                self._wake_at(choice)
+        self._turns.ask_for_places(waiters)
 
-    def _ask_for_places(self) -> None:
-        """Each interactive task left waiting asks one staged bulk prompt for its place (one
-        holding its models first); the slot that prompt releases is then the task's."""
-        for waiter in self._waiters:
-            demand = waiter.demand
-            if waiter.future.done() or waiter.asked or demand.priority is not Priority.INTERACTIVE:
-                continue
-            waiter.asked = self.staged.ask_one(
-                suits=functools.partial(_may_run, waiter),
-                prefer=functools.partial(_holds, demand.models),
-            )
-            if not waiter.asked:
-                return
-
-    def _in_turn(self) -> Iterator[_Waiter]:
-        """Waiters in the order they are served: all of them by arrival (fifo); else
-        interactive ones by arrival, then bulk ones: the owner holding fewest slots first,
-        then the one served longest ago (re-read after every grant, so owners alternate)."""
-        if self.policy is SchedulerPolicy.FIFO:
-            yield from list(self._waiters)
-            return
-        bulk = []
-        for waiter in list(self._waiters):
-            if waiter.demand.priority is Priority.INTERACTIVE:
-                yield waiter
-            else:
-                bulk.append(waiter)
-        while bulk:
-            turn = min(bulk, key=self._bulk_turn)  # min() is stable: ties go by arrival
-            bulk.remove(turn)
-            yield turn
-
-    def _bulk_turn(self, waiter: _Waiter) -> tuple[int, float]:
-        owner = waiter.demand.owner
-        return self._bulk_held[owner], self._bulk_served.get(owner, -math.inf)
-
-    def _pick(self, waiter: _Waiter, now: float) -> Instance | None:
-        demand = waiter.demand
-        capable = [i for i in self.instances if i.serving and i.can_run(demand.required_nodes)]
-        preferred = [i for i in capable if i.name not in waiter.exclude] or capable
-        free = [i for i in preferred if i.free > 0]
-        if not free:
-            return None
-        if self.policy is SchedulerPolicy.FIFO or not demand.models:
-            return max(free, key=lambda i: (i.free, -i.last_released_at))
-        warm = [i for i in free if i.memory.holds(demand.models)]
-        if warm:
-            return max(warm, key=lambda i: (i.free, -i.last_released_at))
-        choice = min(
-            free,
-            key=lambda i: (
-                self._wanted(i.memory.loaded, waiter),
-                self.load_estimates.cost_s(i.memory, demand.models),
-                -i.free,
-                i.last_released_at,
-            ),
-        )
-        # Busy instances hold its models: wait for one, at most one estimated load (so no task
-        # waits longer for affinity), and only if their slots can take it (`_absorbed`).
-        patience_ends = waiter.since + self.load_estimates.cost_s(choice.memory, demand.models)
-        evicts = bool(choice.memory.loaded)
-        if not waiter.asked and now < patience_ends and self._absorbed(waiter, preferred, evicts):
-            self._wake_at(patience_ends)
-            return None
-        return choice
-
-    def _absorbed(self, waiter: _Waiter, instances: list[Instance], evicts: bool) -> bool:
-        """Whether the slots of the instances holding the waiter's models outnumber the
-        earlier waiters for the same models, so one frees a slot for it soon. Slots of an
-        instance still loading them count only when the alternative evicts models: a load on
-        an empty instance (start-up) is no worse than waiting for that load to end."""
-        models = waiter.demand.models
-        slots = sum(
-            i.capacity
-            for i in instances
-            if i.memory.holds(models) and (evicts or not i.memory.loading)
-        )
-        ahead = 0
-        for other in self._waiters:
-            if other is waiter:
-                break
-            ahead += not other.future.done() and other.demand.models == models
-        return ahead < slots
-
-    def _wanted(self, models: frozenset[str], besides: _Waiter) -> int:
-        """How many other waiters would run without a load on an instance holding `models`."""
-        return sum(
-            1
-            for w in self._waiters
-            if w is not besides and not w.future.done() and w.demand.models <= models
-        )
-
-    def _grant(self, waiter: _Waiter, instance: Instance) -> None:
-        instance.in_flight += 1
-        instance.memory.queued(waiter.demand.models)
-        if waiter.demand.priority is Priority.BULK:
-            owner = waiter.demand.owner
-            self._bulk_held[owner] += 1
-            self._bulk_served[owner] = asyncio.get_running_loop().time()
+    def _grant(self, waiter: Waiter, instance: Instance) -> None:
+        self._turns.granted(waiter, instance)
         waiter.future.set_result(instance)
 
     def _wake_at(self, when: float) -> None:
@@ -388,19 +289,9 @@ class InstancePool:
     def _release(self, instance: Instance, demand: Demand) -> None:
         instance.in_flight -= 1
         instance.last_released_at = time.monotonic()
-        if demand.priority is Priority.BULK:
-            self._bulk_held[demand.owner] -= 1
-            if self._bulk_held[demand.owner] <= 0:
-                del self._bulk_held[demand.owner]
-            if len(self._bulk_served) > MAX_OWNERS_REMEMBERED:
-                self._forget_idle_owners()
+        self._turns.released(demand, self._waiters)
         self._roster.released(instance)
         self._dispatch()
-
-    def _forget_idle_owners(self) -> None:
-        """Bound `_bulk_served`: drop owners with no bulk work here."""
-        active = set(self._bulk_held) | {w.demand.owner for w in self._waiters}
-        self._bulk_served = {o: t for o, t in self._bulk_served.items() if o in active}
 
     def _check_satisfiable(self, required: frozenset[str]) -> None:
         """WorkflowInvalid once every member's node classes are known and none has them all
@@ -451,16 +342,3 @@ class InstancePool:
     def _capacity_changed(self) -> None:
         self._capacity_event.set()
         self._capacity_event = asyncio.Event()
-
-
-def _may_run(waiter: _Waiter, instance: Instance) -> bool:
-    """Whether `instance` could serve `waiter` (serving, its node classes, not excluded)."""
-    return (
-        instance.serving
-        and instance.can_run(waiter.demand.required_nodes)
-        and instance.name not in waiter.exclude
-    )
-
-
-def _holds(models: frozenset[str], instance: Instance) -> bool:
-    return instance.memory.holds(models)
