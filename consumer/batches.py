@@ -23,7 +23,7 @@ from consumer import records
 from consumer.broker import header_int
 from consumer.events import APP_ID, until_confirmed
 from consumer.logs import ctx
-from consumer.topology import BULK_BATCH_KEY, BULK_KEY
+from consumer.topology import BULK_BATCH_KEY, BULK_KEY, INTERACTIVE_KEY
 from contracts.ids import MAX_BATCH_SIZE, batch_task_id
 from contracts.models import BatchTransformRequest, TransformRequest
 
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 OFFSET_HEADER = "x-batch-offset"
-INTERACTIVE_KEY = "transform"
 
 
 class BatchFeeder:
@@ -48,7 +47,7 @@ class BatchFeeder:
         publisher: EventPublisher,
         store: TaskStateStore,
         slice_size: int | None,
-        on_bulk_published: Callable[[], None] | None = None,
+        on_bulk_published: Callable[[], None],
     ) -> None:
         """`slice_size` None: expand every batch at once (the fifo scheduler)."""
         self._publisher = publisher
@@ -71,16 +70,22 @@ class BatchFeeder:
         if offset == 0:
             await records.register_batch(self._store, batch_id, batch)
         size = len(batch.image_urls)
-        sliced = self._slice is not None and batch.priority != "interactive"
-        key = BULK_KEY if sliced else INTERACTIVE_KEY
-        end = min(size, offset + self._slice) if sliced and self._slice else size
+        slice_size = self._slice if batch.priority != "interactive" else None
+        key = BULK_KEY if slice_size else INTERACTIVE_KEY
+        end = min(size, offset + slice_size) if slice_size else size
+        fields = batch.model_dump(exclude={"batch_id", "image_urls"}, exclude_none=True)
         for index in range(offset, end):
-            await self._publish_task(batch, batch_id, index, key, reply)
+            request = TransformRequest(
+                task_id=batch_task_id(batch_id, index), image_url=batch.image_urls[index], **fields
+            )
+            headers = {"x-batch-id": batch_id, "x-batch-index": index, "x-batch-size": size}
+            body = request.model_dump_json(exclude_none=True).encode()
+            await self._publish(key, body, headers, reply)
         if end < size:
             rest = batch.model_copy(update={"batch_id": batch_id})
             body = rest.model_dump_json(exclude_none=True).encode()
             await self._publish(BULK_BATCH_KEY, body, {OFFSET_HEADER: end}, reply)
-        if sliced and self._on_bulk_published is not None:
+        if slice_size:
             self._on_bulk_published()
         log.info(
             "batch fed",
@@ -102,24 +107,6 @@ class BatchFeeder:
         if not await records.batch_registered(self._store, batch.user_id, batch_id):
             return 0
         return offset
-
-    async def _publish_task(
-        self,
-        batch: BatchTransformRequest,
-        batch_id: str,
-        index: int,
-        key: str,
-        reply: Reply | None,
-    ) -> None:
-        request = TransformRequest(
-            task_id=batch_task_id(batch_id, index),
-            image_url=batch.image_urls[index],
-            **batch.model_dump(exclude={"batch_id", "image_urls"}, exclude_none=True),
-        )
-        body = request.model_dump_json(exclude_none=True).encode()
-        size = len(batch.image_urls)
-        headers = {"x-batch-id": batch_id, "x-batch-index": index, "x-batch-size": size}
-        await self._publish(key, body, headers, reply)
 
     async def _publish(
         self, key: str, body: bytes, headers: dict[str, Any], reply: Reply | None

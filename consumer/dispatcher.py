@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from consumer.reporter import Reporter
     from consumer.settle import Settler
     from consumer.state import TaskRecord, TaskStateStore
-    from consumer.workflows import StyleLookup
+    from consumer.workflows import Style, StyleLookup
     from contracts.models import CancelRequest, TransformRequest
 
 log = logging.getLogger(__name__)
@@ -150,11 +150,10 @@ class Dispatcher:
             return None
         if self._closing.is_set():
             return Returned("shutting down")
-        self._catalog.get(request.style_type)  # an unknown style is refused before anything
-        admission = self._admitting[key] = _Admission([message])
+        style = self._catalog.get(request.style_type)  # unknown: refused before anything
+        admission = self._admitting[key] = _Admission([message], style, priority)
         try:
             job = await self._admit(task_id, request, batch, reply, admission)
-            job.priority = priority
             if self._closing.is_set():  # shut down while it was admitted
                 return Returned("shutting down")
         except BaseException:
@@ -183,12 +182,13 @@ class Dispatcher:
         job = Job(
             task_id=task_id,
             request=request,
-            style=self._catalog.get(request.style_type),  # kept whatever reloads follow
+            style=admission.style,  # kept whatever reloads follow
             seed=_seed(request, record),
             batch=batch,
             reply=reply,
             created_at=record.created_at if record else utcnow(),
             handles=admission.handles,
+            priority=admission.priority,
         )
         if record is None or not record.status.is_terminal:  # else: answered from the store
             await self._accept(job, record)
@@ -429,9 +429,12 @@ class Dispatcher:
 
 @dataclass
 class _Admission:
-    """A delivery being admitted: copies that arrive meanwhile attach to it."""
+    """A delivery being admitted: copies that arrive meanwhile attach to it. `style` is the
+    one checked on arrival, which the task keeps whatever reloads follow."""
 
     handles: list[AbstractIncomingMessage]
+    style: Style
+    priority: Priority
     cancelled: bool = False
 
 

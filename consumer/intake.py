@@ -31,7 +31,15 @@ from consumer.jobs import BatchRef, Reply, utcnow
 from consumer.logs import ctx
 from consumer.settings import SchedulerPolicy
 from consumer.settle import Crashed, Handled, Outcome, Refused, Returned, safe_text
-from consumer.topology import BULK_KEY, BULK_KEYS, declare_control_queue, declare_topology
+from consumer.topology import (
+    BULK_KEY,
+    BULK_KEYS,
+    CANCEL_KEY,
+    INTERACTIVE_KEY,
+    TRANSFORM_KEYS,
+    declare_control_queue,
+    declare_topology,
+)
 from contracts import ErrorCode, EventKind, TaskStatus
 from contracts.decode import InvalidMessage, decode_request
 from contracts.ids import BATCH_ID_PATTERN, MAX_BATCH_SIZE, USER_ID_PATTERN, is_valid_id
@@ -60,7 +68,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({"application/json", "text/json"})
 IDENTITY_ENCODINGS = frozenset({"", "identity", "utf-8", "utf8"})  # no compression
-REQUEST_KINDS = frozenset({"transform", "transform.batch", "cancel", *BULK_KEYS})
+REQUEST_KINDS = frozenset({*TRANSFORM_KEYS, CANCEL_KEY, *BULK_KEYS})
 BATCH_HEADERS = ("x-batch-id", "x-batch-index", "x-batch-size")
 CANCEL_TIMEOUT_S = 5.0
 FOLLOW_RETRY_S = 1.0
@@ -111,7 +119,7 @@ class Intake:
             broker=broker,
             queue_name=topology.bulk,
             room=self._bulk_room,
-            changes=lambda: [self._pool.capacity_event, self._dispatcher.ended_event],
+            changes=self._change_events,
             handle=self._on_message,
             poll_s=bulk_poll_s,
         )
@@ -145,7 +153,7 @@ class Intake:
 
     async def _follow(self) -> None:
         while not self._stopped:
-            events = [self._pool.capacity_event, self._dispatcher.ended_event]
+            events = self._change_events()
             try:
                 if await self._follow_capacity():
                     events.pop()  # nothing to wait for but a change of capacity
@@ -161,6 +169,11 @@ class Intake:
         self._bulk.stop()
         await self._cancel_consumer()
         await self._bulk.wait_handled()
+
+    def _change_events(self) -> list[asyncio.Event]:
+        """Set when capacity may have changed: the pool's, or a task ended (take them before
+        reading capacity)."""
+        return [self._pool.capacity_event, self._dispatcher.ended_event]
 
     def _desired_prefetch(self) -> int:
         return min(self._pool.healthy_capacity(), self._max_in_flight)
@@ -266,7 +279,7 @@ class Intake:
             for name, value in (message.headers or {}).items()
             if not name.startswith("x-") or (ours and name in BATCH_HEADERS)
         }
-        key = BULK_KEY if priority is Priority.BULK else "transform"
+        key = BULK_KEY if priority is Priority.BULK else INTERACTIVE_KEY
         await until_confirmed(
             lambda: self._publisher.publish_request(
                 key,

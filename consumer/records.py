@@ -83,13 +83,18 @@ async def batch_owned(store: TaskStateStore, ref: BatchRef, request: TransformRe
     """Whether `ref` names the batch task this request is, of a batch its sender owns."""
     if request.task_id != batch_task_id(ref.batch_id, ref.index):
         return False
-    record = await store.get(task_key(request.user_id, request.task_id))
-    return record is not None and record.batch_id == ref.batch_id
+    return await _batch_task_recorded(store, request.user_id, ref.batch_id, ref.index)
 
 
 async def batch_registered(store: TaskStateStore, user_id: str, batch_id: str) -> bool:
     """Whether `user_id` owns a batch `batch_id` that was registered (its first task exists)."""
-    record = await store.get(task_key(user_id, batch_task_id(batch_id, 0)))
+    return await _batch_task_recorded(store, user_id, batch_id, 0)
+
+
+async def _batch_task_recorded(
+    store: TaskStateStore, user_id: str, batch_id: str, index: int
+) -> bool:
+    record = await store.get(task_key(user_id, batch_task_id(batch_id, index)))
     return record is not None and record.batch_id == batch_id
 
 

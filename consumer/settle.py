@@ -151,8 +151,9 @@ def _described(outcome: Outcome) -> tuple[str, str | None]:
     """How `outcome` reads on a trace: its name, and its error code when it is a failure."""
     match outcome:
         case Finished(event=event):
-            failed = event.error is not None and event.status is TaskStatus.FAILED
-            return event.status.value, event.error.code.value if failed and event.error else None
+            if event.status is TaskStatus.FAILED and event.error is not None:
+                return event.status.value, event.error.code.value
+            return event.status.value, None
         case Refused():
             return "refused", outcome.code.value
         case Crashed():

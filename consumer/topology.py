@@ -25,7 +25,8 @@ from typing import Any, Literal
 from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-TRANSFORM_KEYS = ("transform", "transform.batch")
+INTERACTIVE_KEY = "transform"  # a single task, interactive unless its priority says bulk
+TRANSFORM_KEYS = (INTERACTIVE_KEY, "transform.batch")
 BULK_KEY = "transform.bulk"  # a bulk task (batch tasks, or a request with priority bulk)
 BULK_BATCH_KEY = "transform.batch.bulk"  # a batch still to feed, from its `x-batch-offset`
 BULK_KEYS = (BULK_KEY, BULK_BATCH_KEY)
