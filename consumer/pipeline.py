@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from consumer import tracing
+from consumer.bulk import first_set
 from consumer.comfy.preemption import Preempted
 from consumer.comfy.scheduling import Priority
 from consumer.decode_budget import DecodeBudget
@@ -204,16 +205,7 @@ class Pipeline:
         withdrawn from the instance's queue and `Preempted` raised (the slot is released).
         The wait counts toward the attempt's EXECUTION_TIMEOUT_S only through `wait()`."""
         with self._pool.staged.holding(instance) as asked:
-            waits = [asyncio.ensure_future(run.wait_started()), asyncio.ensure_future(asked.wait())]
-            try:
-                await asyncio.wait(
-                    waits,
-                    timeout=self._cfg.execution_timeout_s,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                for waiting in waits:
-                    waiting.cancel()
+            await first_set([run.begun, asked], timeout_s=self._cfg.execution_timeout_s)
         if asked.is_set() and await run.withdraw():
             raise Preempted(f"prompt {run.prompt_id} withdrawn from {instance.name}")
 

@@ -263,8 +263,7 @@ class ComfyClient:
     async def cancel_prompt(self, prompt_id: str, started: bool) -> bool:
         """Stop our prompt; True if it was running (an interrupt event will follow)."""
         if not started:
-            await self._http.post_json("/queue", {"delete": [prompt_id]})
-            state = await self.queue()
+            state = await self._delete_queued(prompt_id)
             if prompt_id not in state.running:
                 return prompt_id in state.pending
         await self._http.post_json("/interrupt", {"prompt_id": prompt_id})
@@ -273,9 +272,13 @@ class ComfyClient:
     async def withdraw_prompt(self, prompt_id: str) -> bool:
         """Delete our prompt from the queue unless it started; True when it is neither
         pending nor running afterwards (deleted, or already finished)."""
-        await self._http.post_json("/queue", {"delete": [prompt_id]})
-        state = await self.queue()
+        state = await self._delete_queued(prompt_id)
         return prompt_id not in state.running and prompt_id not in state.pending
+
+    async def _delete_queued(self, prompt_id: str) -> QueueState:
+        """Delete the prompt from the queue if it waits there; the queue afterwards."""
+        await self._http.post_json("/queue", {"delete": [prompt_id]})
+        return await self.queue()
 
     def _rekey(self, run: PromptRun, prompt_id: str) -> None:
         self.forget(run.prompt_id)

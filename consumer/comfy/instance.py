@@ -61,7 +61,6 @@ class Instance:
         self.memory = ModelMemory()
         self.draining = False
         self.drain_deadline = math.inf  # loop time its running prompts are given up at
-        self.given_up = False  # its prompts were given up: it cannot be restored, only leave
         self._recent_s: deque[float] = deque(maxlen=_RECENT_RUNS)
         self._logged_missing: set[frozenset[str]] = set()
 
@@ -73,6 +72,11 @@ class Instance:
     @property
     def url(self) -> str:
         return self.client.base_url
+
+    @property
+    def given_up(self) -> bool:
+        """Its prompts were given up (its client abandoned): it cannot be restored, only leave."""
+        return self.client.abandoned is not None
 
     @property
     def serving(self) -> bool:

@@ -204,7 +204,6 @@ class Roster:
 
     async def _give_up(self, instance: Instance) -> None:
         """Fail its prompts as InstanceUnavailable (retried elsewhere); withdraw them."""
-        instance.given_up = True
         grace = f"COMFYUI_DRAIN_GRACE_S={self._drain_grace_s:g}s"
         prompt_ids = instance.client.abandon(f"{instance.name} was removed from the pool ({grace})")
         self._changed()

@@ -99,7 +99,6 @@ class InstancesFile:
     def __init__(self, path: Path, max_concurrency: int = 2) -> None:
         self.path = path
         self.entries: list[ComfyInstanceSettings] = []
-        self.ok = False
         self._max_mc = max_concurrency
         self._digest: bytes | None = None
         self._content_ok = False
@@ -107,6 +106,11 @@ class InstancesFile:
 
     def __repr__(self) -> str:
         return f"<InstancesFile {self.path} entries={len(self.entries)} ok={self.ok}>"
+
+    @property
+    def ok(self) -> bool:
+        """The last read worked and its content was valid."""
+        return self._read_error is None and self._content_ok
 
     async def read(self) -> list[ComfyInstanceSettings]:
         """Read the file again; its entries, or the last good ones."""
@@ -120,7 +124,6 @@ class InstancesFile:
         if digest != self._digest:
             self._digest = digest
             self._parse(data)
-        self.ok = self._content_ok
         return self.entries
 
     def _parse(self, data: bytes) -> None:
@@ -140,7 +143,6 @@ class InstancesFile:
         if error != self._read_error:
             log.error("cannot read instance file %s, keeping its last list: %s", self.path, error)
         self._read_error = error
-        self.ok = False
 
 
 class Membership:

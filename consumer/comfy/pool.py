@@ -89,7 +89,6 @@ class InstancePool:
         for settings in instances:
             self._roster.admit(settings)
         self._health = HealthPolicy(health_interval_s, breaker_max_backoff_s, connect_timeout_s)
-        self._breaker_max_backoff_s = breaker_max_backoff_s
         self._quarantine_base_s = max(health_interval_s, QUARANTINE_BASE_S)
         self._turns = Turns(policy, LoadEstimates(load_prior_s))
         self._waiters: deque[Waiter] = deque()
@@ -226,7 +225,7 @@ class InstancePool:
         try:
             yield instance
         except InstanceStuck:
-            delay_s = instance.quarantine(self._quarantine_base_s, self._breaker_max_backoff_s)
+            delay_s = instance.quarantine(self._quarantine_base_s, self._health.max_backoff_s)
             self._take_out(instance, f"a prompt got stuck on it; breaker open for {delay_s:.1f}s")
             raise
         except InstanceUnavailable:

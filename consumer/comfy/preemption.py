@@ -37,9 +37,6 @@ class StagedPrompts:
     def __repr__(self) -> str:
         return f"<StagedPrompts {len(self._staged)}>"
 
-    def __len__(self) -> int:
-        return len(self._staged)
-
     @contextmanager
     def holding(self, instance: Instance) -> Iterator[asyncio.Event]:
         """While a bulk prompt is staged on `instance`; the Event is set when its place is

@@ -99,6 +99,11 @@ class PromptRun:
         await self._begun.wait()
 
     @property
+    def begun(self) -> asyncio.Event:
+        """Set once the prompt runs (or has ended without running)."""
+        return self._begun
+
+    @property
     def done(self) -> bool:
         return self._outcome.done()
 
