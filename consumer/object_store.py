@@ -32,7 +32,8 @@ from obstore.exceptions import BaseError
 from obstore.store import S3Store
 
 from consumer.errors import OutputUploadFailed
-from consumer.storage import safe_filename
+from consumer.settings import MAX_PRESIGN_S
+from consumer.storage import is_stored_name, safe_filename
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
-_OUR_KEY = re.compile(r"[0-9a-f]{32}/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+DEFAULT_REGION = "us-east-1"  # where SigV4 signs when nothing names a region
 _STATUS = re.compile(r"\bstatus(?: code)?: (\d{3})\b")
 _RETRIES = re.compile(r"\bafter (\d+) retries\b")
 _S3_CODE = re.compile(r"<Code>([A-Za-z]{1,64})</Code>")
@@ -58,11 +59,11 @@ class S3OutputConfig:
     """Where and how outputs are stored. Credentials None: the client's own role chain."""
 
     bucket: str
-    region: str = "us-east-1"
+    region: str = DEFAULT_REGION
     endpoint_url: str | None = None
     prefix: str = ""
     force_path_style: bool = False
-    url_expiry_s: int = 7 * 24 * 3600
+    url_expiry_s: int = MAX_PRESIGN_S
     public_base_url: str | None = None
     timeout_s: float = 60.0  # per request, and for all retries of one call together
     connect_timeout_s: float = 5.0
@@ -178,7 +179,7 @@ class S3OutputStore:
             for meta in batch
             if meta["last_modified"].timestamp() < cutoff_s
             and meta["path"].startswith(prefix)
-            and _OUR_KEY.fullmatch(meta["path"][len(prefix) :])
+            and is_stored_name(meta["path"][len(prefix) :])
         ]
 
     def _where(self, key: str) -> str:

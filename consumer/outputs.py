@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from consumer.object_store import S3OutputConfig, S3OutputStore
+from consumer.object_store import DEFAULT_REGION, S3OutputConfig, S3OutputStore
 from consumer.settings import OutputBackend
 from consumer.storage import LocalOutputStore, OutputStore
 
@@ -15,8 +15,6 @@ if TYPE_CHECKING:
     from pydantic import SecretStr
 
     from consumer.settings import Settings
-
-DEFAULT_REGION = "us-east-1"
 
 
 @asynccontextmanager

@@ -14,7 +14,7 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -66,9 +66,7 @@ class ComfyInstanceSettings(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {value!r}")
+        _check_http_url(value)
         return value.rstrip("/")
 
     @property
@@ -78,6 +76,14 @@ class ComfyInstanceSettings(BaseModel):
         return self.name or (
             f"{parts.hostname}:{parts.port}" if parts.port else f"{parts.hostname}"
         )
+
+
+def _check_http_url(value: str) -> SplitResult:
+    """`value` split, when it is an http(s) URL with a host; else ValueError."""
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return parts
 
 
 def is_loopback(host: str) -> bool:
@@ -236,9 +242,8 @@ class Settings(BaseSettings):
     @field_validator("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint")
     @classmethod
     def _otlp_url(cls, value: str | None) -> str | None:
-        parts = urlsplit(value or "")
-        if value and (parts.scheme not in {"http", "https"} or not parts.hostname):
-            raise ValueError(f"not an http(s) URL: {value!r}")
+        if value:
+            _check_http_url(value)
         return value or None
 
     @model_validator(mode="after")
@@ -337,9 +342,7 @@ class Settings(BaseSettings):
         """An http(s) URL with a host and no query: a base that keys are appended to."""
         if not value:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {value!r}")
+        parts = _check_http_url(value)
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ValueError("give a plain base URL, without query, fragment or credentials")
         return value.rstrip("/")

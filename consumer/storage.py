@@ -49,6 +49,12 @@ class OutputStore(Protocol):
         ...
 
 
+def is_stored_name(rel_path: str) -> bool:
+    """Whether `rel_path` is a `<token>/<filename>` that a store's `save()` can produce."""
+    token, _, name = rel_path.partition("/")
+    return bool(_TOKEN.fullmatch(token) and _SAFE_NAME.fullmatch(name))
+
+
 def safe_filename(filename: str) -> str:
     """`filename`'s last path part reduced to `[A-Za-z0-9._-]`, no leading dot, <= 128 chars."""
     base = re.split(r"[/\\]", filename)[-1]
@@ -87,10 +93,9 @@ class LocalOutputStore:
         Only names `save()` can produce are accepted, so `..`, absolute paths, encoded
         separators and symlink tricks never reach the file system. One `stat` call.
         """
-        token, _, name = rel_path.partition("/")
-        if not (_TOKEN.fullmatch(token) and _SAFE_NAME.fullmatch(name)):
+        if not is_stored_name(rel_path):
             return None
-        path = self.root / token / name
+        path = self.root / rel_path
         return path if path.is_file() and not path.is_symlink() else None
 
     async def cleanup(self, older_than_s: float) -> int:
